@@ -1,0 +1,1 @@
+"""Data for longtrain: token sources, shards, document packing and resumable sampling."""

@@ -1,0 +1,476 @@
+"""The one typed configuration tree of longtrain.
+
+Owns: the dataclasses for every section (model, parallel, memory, data, optim, schedule,
+checkpoint, logging, launch), loading them from YAML files, applying ``section.key=value``
+overrides from the command line, and checking every key and value with an error that names the
+key, what was given, what is allowed and -- for a typo -- the nearest valid key.
+
+The idea: a config key that silently becomes a default is a bug, so unknown keys are rejected,
+values are coerced to the declared type (or refused), and ``Literal`` fields only take their
+listed values. Cross-field checks that need the world size (mesh sizes, divisibility) live with
+the code that knows it (``longtrain.parallel.mesh``), but read only this tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message says what to change."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RopeScalingConfig:
+    """Rotary-embedding scaling used for context extension (Hugging Face names)."""
+
+    type: Literal["none", "linear", "dynamic", "yarn", "llama3"] = "none"
+    factor: float = 1.0
+    original_max_position: int = 8192
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: Optional[float] = None  # yarn; None = 0.1 * ln(factor) + 1
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the network. ``arch`` picks the Llama decoder or the looped transformer."""
+
+    arch: Literal["llama", "looped"] = "looped"
+    vocab_size: int = 264
+    dim: int = 128
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_dim: int = 352
+    n_layers: int = 4  # llama only
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    max_seq_len: int = 131072
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    attn_backend: Literal["auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_math", "flex", "flash_attn"] = "auto"
+    # looped transformer: prelude -> core x loops -> coda
+    n_prelude: int = 1
+    n_core: int = 2
+    n_coda: int = 1
+    loops: int = 4  # mean loop count in training; the fixed count at evaluation
+    loop_sampling: Literal["fixed", "uniform", "poisson"] = "fixed"
+    loops_max: int = 8  # upper bound for sampled loop counts (and per-loop LoRA tables)
+    backprop_loops: int = 0  # truncated backprop: only the last B iterations build a graph; 0 = all
+    lora_rank: int = 0  # per-loop LoRA on the core's projections; 0 = off
+    lora_alpha: float = 16.0
+    reinject: Literal["none", "add", "concat"] = "add"
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def n_unrolled_layers(self) -> int:
+        """Transformer blocks executed per forward pass (effective depth)."""
+        if self.arch == "llama":
+            return self.n_layers
+        return self.n_prelude + self.n_core * self.loops + self.n_coda
+
+
+@dataclass
+class ParallelConfig:
+    """Sizes of the device-mesh dimensions; their product must equal the world size."""
+
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: whatever is left of the world size
+    tp: int = 1
+    sp: int = 1  # Ulysses sequence parallel
+    pp: int = 1
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
+    pp_microbatches: int = 0  # 0: 2 * pp
+    pp_virtual_stages: int = 2  # stages per rank for interleaved schedules
+    pp_boundaries: Optional[list] = None  # virtual-layer index where each stage after the first starts
+    param_dtype: Literal["auto", "bf16", "fp32"] = "auto"  # FSDP2 compute dtype; auto = bf16 on GPU
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    init_timeout_s: float = 600.0
+    timeout_s: float = 300.0  # collective timeout during training
+
+
+@dataclass
+class MemoryConfig:
+    """Activation and optimizer memory policy (see ``longtrain.memory``)."""
+
+    policy: Literal["manual", "auto"] = "manual"
+    recompute: Literal["none", "full", "selective"] = "none"
+    recompute_loops: bool = False  # looped models: store only each iteration's input
+    offload: bool = False  # offload what recompute keeps (layer inputs) to pinned CPU memory
+    offload_fraction: float = 1.0  # token-wise split: fraction of each saved tensor sent to CPU
+    host_budget_gb: float = 64.0
+    tiled_mlp: int = 0  # number of sequence chunks for the MLP; 0 = off
+    tiled_loss: int = 0  # tokens per chunk for head + cross-entropy; 0 = off
+    optimizer_offload: bool = False
+    fsdp_cpu_offload: bool = False
+    gpu_budget_gb: float = 0.0  # planner budget; 0 = the device's memory
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how they are packed into sequences."""
+
+    source: Literal["stdlib", "synthetic", "shards", "megatron"] = "stdlib"
+    path: str = ""  # shard directory (manifest.json) or Megatron prefix
+    seq_len: int = 256
+    batch_size: int = 8  # sequences per data-parallel rank per micro-step
+    packing: Literal["greedy", "best_fit"] = "greedy"
+    split_long: Literal["split", "truncate", "drop"] = "split"
+    doc_masking: bool = True  # block-diagonal attention + per-document positions
+    seed: int = 1234
+    eval_fraction: float = 0.02  # documents held out for the eval loss
+    tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
+    on_bad_document: Literal["error", "skip"] = "error"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+    on_nonfinite: Literal["skip", "stop", "rollback"] = "skip"
+    spike_factor: float = 0.0  # skip a step whose loss exceeds this times the running mean; 0 = off
+
+
+@dataclass
+class ScheduleConfig:
+    steps: int = 250
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    grad_accum: int = 1
+    eval_every: int = 50  # 0 = never
+    eval_batches: int = 4
+    seed: int = 0
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # autocast; auto = bf16 where supported (GPU)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # "" = <run_dir>/checkpoints
+    every_steps: int = 0  # 0 = only at the end / on signal
+    every_seconds: float = 0.0
+    keep_last: int = 2
+    keep_every: int = 0  # additionally keep every K-th step; 0 = off
+    resume: str = "auto"  # auto | none | path to a step directory
+    async_save: bool = True
+    save_final: bool = True
+    init_from_hf: str = ""  # local Hugging Face directory with safetensors
+    on_save_error: Literal["continue", "stop"] = "continue"
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/{name}"
+    name: str = "default"
+    log_every: int = 10
+    progress: bool = True
+    tensorboard: bool = True
+    jsonl: bool = True
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # "" = start a local cluster
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+@dataclass
+class SlurmConfig:
+    partition: str = ""
+    account: str = ""
+    time: str = "01:00:00"
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    signal_seconds: int = 120  # --signal=USR1@N: checkpoint and requeue this long before the limit
+    extra_sbatch: list = field(default_factory=list)
+    job_name: str = "longtrain"
+
+
+@dataclass
+class LaunchConfig:
+    backend: Literal["local", "ray", "slurm"] = "local"
+    nodes: int = 1
+    nproc_per_node: int = 1
+    max_restarts: int = 0
+    ray: RayConfig = field(default_factory=RayConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.logging.run_dir.format(name=self.logging.name))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Value checks that need no world size
+# --------------------------------------------------------------------------------------------
+
+_POSITIVE = {
+    "model.vocab_size", "model.dim", "model.n_heads", "model.n_kv_heads", "model.ffn_dim",
+    "model.n_layers", "model.max_seq_len", "model.loops", "model.loops_max", "data.seq_len",
+    "data.batch_size", "optim.lr", "schedule.grad_accum", "parallel.dp_replicate", "parallel.tp",
+    "parallel.sp", "parallel.pp", "parallel.pp_virtual_stages", "checkpoint.keep_last",
+    "launch.nodes", "launch.nproc_per_node", "parallel.timeout_s", "parallel.init_timeout_s",
+    "memory.host_budget_gb",
+}
+_NON_NEGATIVE = {
+    "model.n_prelude", "model.n_coda", "model.backprop_loops", "model.lora_rank",
+    "optim.weight_decay", "optim.grad_clip", "schedule.steps", "schedule.warmup_steps",
+    "schedule.eval_every", "memory.tiled_mlp", "memory.tiled_loss", "checkpoint.every_steps",
+    "checkpoint.keep_every", "launch.max_restarts", "optim.spike_factor", "memory.gpu_budget_gb",
+}
+
+
+def validate(cfg: Config) -> Config:
+    """Checks of single values and of relations inside the tree; raises ConfigError."""
+    for key in sorted(_POSITIVE | _NON_NEGATIVE):
+        sec, name = key.split(".")
+        value = getattr(getattr(cfg, sec), name)
+        if key in _POSITIVE and not value > 0:
+            raise ConfigError(f"{key}={value!r} must be > 0; set a positive value.")
+        if key in _NON_NEGATIVE and value < 0:
+            raise ConfigError(f"{key}={value!r} must be >= 0; set 0 to turn it off or a positive value.")
+    m = cfg.model
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; "
+                          f"pick n_heads among the divisors of dim.")
+    if m.head_dim % 2:
+        raise ConfigError(f"model.dim/model.n_heads={m.head_dim} must be even for rotary embeddings.")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
+                          f"grouped-query attention needs n_kv_heads to divide n_heads.")
+    if m.arch == "looped":
+        if m.n_core < 1:
+            raise ConfigError(f"model.n_core={m.n_core} must be >= 1 for arch=looped.")
+        if m.loops > m.loops_max:
+            raise ConfigError(f"model.loops={m.loops} exceeds model.loops_max={m.loops_max}; raise loops_max.")
+        if m.backprop_loops > m.loops_max:
+            raise ConfigError(f"model.backprop_loops={m.backprop_loops} exceeds model.loops_max={m.loops_max}.")
+    if not 0.0 <= cfg.memory.offload_fraction <= 1.0:
+        raise ConfigError(f"memory.offload_fraction={cfg.memory.offload_fraction} must be in [0, 1].")
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1).")
+    if cfg.data.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+                          f"raise model.max_seq_len or shorten data.seq_len.")
+    if not 0.0 < cfg.optim.beta1 < 1.0 or not 0.0 < cfg.optim.beta2 < 1.0:
+        raise ConfigError(f"optim.beta1={cfg.optim.beta1} and optim.beta2={cfg.optim.beta2} must be in (0, 1).")
+    if cfg.schedule.warmup_steps > cfg.schedule.steps:
+        raise ConfigError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds "
+                          f"schedule.steps={cfg.schedule.steps}; shorten the warmup.")
+    if cfg.data.source in ("shards", "megatron") and not cfg.data.path:
+        raise ConfigError(f"data.source={cfg.data.source} needs data.path; point it at the prepared "
+                          f"dataset (see `longtrain data prepare`).")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: YAML + overrides, strictly typed
+# --------------------------------------------------------------------------------------------
+
+_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _packaged_configs() -> list[Path]:
+    dirs = [_CONFIG_DIR]
+    try:
+        import longtrain.configs as pkg  # installed wheel ships configs/ as package data
+
+        dirs += [Path(p) for p in pkg.__path__]
+    except ImportError:
+        pass
+    return [d for d in dirs if d.is_dir()]
+
+
+def resolve_config_path(name: str) -> Path:
+    """A YAML path, or the name of a shipped config (``llama3-8b`` -> configs/llama3-8b.yaml)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    for d in _packaged_configs():
+        for cand in (d / name, d / f"{name}.yaml"):
+            if cand.is_file():
+                return cand
+    shipped = sorted({q.stem for d in _packaged_configs() for q in d.glob("*.yaml")})
+    raise ConfigError(f"config file {name!r} not found; give a path to a YAML file or one of the "
+                      f"shipped configs: {', '.join(shipped) or '(none)'}.")
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    near = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return f" Did you mean {near[0]!r}?" if near else ""
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` (from YAML or a CLI string) to the declared type ``tp`` or raise."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(args)}."
+                              + (_suggest(str(value), [str(a) for a in args])))
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={value!r} must be a boolean (true/false).")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be an integer.")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} must be an integer.")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be a number.")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} must be a number.")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}={value!r} must be a string.")
+        return str(value)
+    if tp is list or origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} must be a list, e.g. [1, 2].")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in this file
+
+
+def _apply(obj: Any, data: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown config key {key!r}.{_suggest(k, names)} "
+                              f"Valid keys under {prefix.rstrip('.') or 'the top level'}: {', '.join(names)}.")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key} is a section; give it as a mapping, e.g. {key}.<field>=<value>.")
+            _apply(getattr(obj, k), v, key + ".")
+        else:
+            setattr(obj, k, _coerce(key, v, tp))
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    out: dict = {}
+    cur = out
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. optim.lr=1e-3).")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has no key; write section.key=value.")
+    # YAML parsing gives numbers/bools/lists; strings stay strings.
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict,)):
+        value = raw
+    return key, value
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults <- YAML file (optional) <- ``section.key=value`` overrides, then validate."""
+    cfg = Config()
+    if path is not None:
+        p = resolve_config_path(str(path))
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}.")
+        _apply(cfg, data, "")
+    for ov in overrides or []:
+        key, value = parse_override(ov)
+        _apply(cfg, _nest(key, value), "")
+    return validate(cfg)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a config saved with a run or checkpoint (``Config.to_dict``)."""
+    cfg = Config()
+    _apply(cfg, data, "")
+    return validate(cfg)
