@@ -1,0 +1,1 @@
+"""Memory policies: recomputation, activation offload, tiling, optimizer offload, the planner."""

@@ -1,0 +1,136 @@
+"""A Llama-style decoder in plain PyTorch, plus the blocks the looped transformer reuses.
+
+Owns: ``Attention`` (grouped-query, rotary), ``FeedForward`` (SwiGLU), ``Block`` (pre-norm
+residual), ``LMHead`` (final norm + output projection + summed cross-entropy) and ``Llama``.
+No parallelism lives here: ``longtrain.parallel`` shards these modules from outside, swapping
+``Attention.core`` for a sequence-parallel wrapper and distributing the ``nn.Linear`` weights.
+Names follow torchtitan (``wq``/``wk``/``wv``/``wo``, ``w1``/``w2``/``w3``); ``layers`` is a
+``ModuleDict`` keyed by layer index so parameter names stay the same when a pipeline stage drops
+the layers it does not own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from longtrain.models.attention import CoreAttention
+from longtrain.models.rope import Rotary, apply_rotary
+
+IGNORE_INDEX = -100
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, backend: str = "auto"):
+        super().__init__()
+        self.head_dim = dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.core = CoreAttention(backend)
+
+    def forward(self, x, cos, sin, doc_ids=None):
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        # head counts come from the projections, so tensor-parallel shards (fewer local heads) and
+        # sequence-parallel slices (shorter local sequence) both reshape correctly
+        q = q.view(*q.shape[:2], -1, self.head_dim)
+        k = k.view(*k.shape[:2], -1, self.head_dim)
+        v = v.view(*v.shape[:2], -1, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = self.core(q, k, v, doc_ids)
+        return self.wo(out.reshape(*out.shape[:2], -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.attn_backend)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x, cos, sin, doc_ids=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, doc_ids)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum (not mean) of token losses, so ranks holding different token counts add up exactly."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+class LMHead(nn.Module):
+    """Final norm and output projection; with labels, the summed cross-entropy instead of logits."""
+
+    def __init__(self, dim: int, vocab_size: int, eps: float):
+        super().__init__()
+        self.norm = nn.RMSNorm(dim, eps=eps)
+        self.output = nn.Linear(dim, vocab_size, bias=False)
+
+    def forward(self, h, labels=None):
+        logits = self.output(self.norm(h))
+        if labels is None:
+            return logits
+        return cross_entropy_sum(logits, labels)
+
+
+def init_block_(block: Block, std: float, depth_scale: float) -> None:
+    for name, p in block.named_parameters():
+        if p.ndim == 1:
+            nn.init.ones_(p)
+        elif name.endswith(("wo.weight", "w2.weight")):
+            nn.init.trunc_normal_(p, std=std / depth_scale, a=-3 * std, b=3 * std)
+        else:
+            nn.init.trunc_normal_(p, std=std, a=-3 * std, b=3 * std)
+
+
+def default_positions(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.head = LMHead(cfg.dim, cfg.vocab_size, cfg.norm_eps)
+        if cfg.tie_embeddings:
+            self.head.output.weight = self.tok_embeddings.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Deterministic under the current RNG state; also re-run after ``to_empty`` from meta."""
+        std = self.cfg.init_std
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for block in self.layers.values():
+            init_block_(block, std, (2 * self.cfg.n_unrolled_layers) ** 0.5)
+        nn.init.ones_(self.head.norm.weight)
+        if not self.cfg.tie_embeddings:
+            nn.init.trunc_normal_(self.head.output.weight, std=self.cfg.dim ** -0.5)
+        self.rotary.reset_parameters()
+
+    def forward(self, tokens, position_ids=None, doc_ids=None, labels=None):
+        if position_ids is None:
+            position_ids = default_positions(tokens)
+        h = self.tok_embeddings(tokens)
+        cos, sin = self.rotary(position_ids)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin, doc_ids)
+        return self.head(h, labels)

@@ -1,0 +1,1 @@
+"""Parallelism applied to plain models: the device mesh, Ulysses, tensor and data parallel."""

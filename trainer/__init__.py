@@ -1,0 +1,1 @@
+"""The training loop and what hangs off it: optimizer and schedule, metrics, evaluation."""
