@@ -1,0 +1,133 @@
+"""The training loop: set up from one config, then step, log, evaluate and checkpoint.
+
+Owns: ``train(cfg)``, which every launcher ends up calling in each worker. Features hook in at
+its steps (parallelism in ``setup``; the memory policy inside ``parallelize``; the pipeline
+through ``forward_backward``; checkpoints through the ``Checkpointer``) so the loop itself stays
+on one screen. A single process is the special case of world size 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from longtrain.config import Config
+from longtrain.trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
+from longtrain.trainer.schedule import build_lr_scheduler
+from longtrain.trainer.step import evaluate, forward_backward
+
+
+@dataclass
+class TrainState:
+    """Counters that checkpoint with the run (a torch.distributed.checkpoint ``Stateful``)."""
+
+    step: int = 0
+    tokens: int = 0
+    skipped_steps: int = 0
+    losses: list = field(default_factory=list)  # (step, loss) of the last steps, for spike checks
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped_steps,
+                "losses": list(self.losses)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.step, self.tokens = int(sd["step"]), int(sd["tokens"])
+        self.skipped_steps = int(sd.get("skipped_steps", 0))
+        self.losses = [list(x) for x in sd.get("losses", [])]
+
+
+def setup(cfg: Config):
+    """Everything the loop needs, built in a fixed order from the config."""
+    from longtrain.data.loader import build_loader
+    from longtrain.memory.optimizer_offload import build_optimizer
+    from longtrain.models import build_model
+    from longtrain.parallel.mesh import init_distributed
+    from longtrain.parallel.parallelize import parallelize
+
+    dims = init_distributed(cfg)
+    if cfg.memory.policy == "auto":
+        from longtrain.memory.planner import resolve_policy
+
+        cfg = resolve_policy(cfg, dims)
+    torch.manual_seed(cfg.schedule.seed)  # same initial weights on every rank
+    model = build_model(cfg.model).to(dims.device)
+    model = parallelize(model, dims, cfg)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_lr_scheduler(optimizer, cfg.schedule)
+    loader_kw = dict(vocab_size=cfg.model.vocab_size, dp_rank=dims.dp_rank, dp_size=dims.dp_size,
+                     sp_rank=dims.sp_rank, sp_size=dims.sp_size)
+    loader = build_loader(cfg.data, **loader_kw)
+    eval_loader = build_loader(cfg.data, split="eval", **loader_kw) if cfg.schedule.eval_every else None
+    return cfg, dims, model, optimizer, scheduler, loader, eval_loader
+
+
+def train(cfg: Config) -> dict:
+    from longtrain.models import sample_loops
+    from longtrain.parallel.reduce import clip_grad_norm_
+    from longtrain.trainer.checkpoint import Checkpointer
+    from longtrain.trainer.guard import StepGuard
+    from longtrain.trainer.run import start_run
+
+    cfg, dims, model, optimizer, scheduler, loader, eval_loader = setup(cfg)
+    run_dir = start_run(cfg, dims)
+    state = TrainState()
+    ckpt = Checkpointer(cfg, dims, run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                        loader=loader, state=state)
+    ckpt.maybe_resume()
+    guard = StepGuard(cfg, dims.is_main)
+    sched = cfg.schedule
+    looped = cfg.model.arch == "looped"
+    peak, peak_src = device_peak_flops(dims.device)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * dims.dp_size * sched.grad_accum
+    log = MetricsLogger(run_dir, cfg, dims.is_main, sched.steps, state.step)
+    if dims.is_main:
+        log.bar.write(f"[longtrain] {dims.describe()}; MFU against {peak / 1e12:.3g} TFLOP/s ({peak_src})") \
+            if log.bar else print(f"[longtrain] {dims.describe()}")
+    last = {}
+    t0 = time.perf_counter()
+    while state.step < sched.steps:
+        batches = [next(loader) for _ in range(sched.grad_accum)]
+        n_loops = sample_loops(cfg.model, state.step, sched.seed, training=True) if looped else None
+        loss, n_tok = forward_backward(model, batches, dims, cfg, n_loops)
+        grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, dims)
+        if guard.accept(state, float(loss), float(grad_norm)):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state.step += 1
+        state.tokens += int(n_tok)
+        if state.step % cfg.logging.log_every == 0 or state.step == sched.steps:
+            dt = (time.perf_counter() - t0) / cfg.logging.log_every
+            per_tok = flops_per_token(cfg.model if n_loops is None else _with_loops(cfg.model, n_loops),
+                                      cfg.data.seq_len, causal=False)
+            tps = tokens_per_step / dt
+            last = {"loss": float(loss), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": tps, "tokens_per_s_per_rank": tps / dims.world_size,
+                    "mfu": tps * per_tok / (peak * dims.world_size),
+                    "mfu_causal": tps * flops_per_token(cfg.model, cfg.data.seq_len, causal=True) / (peak * dims.world_size),
+                    "step_time_s": dt, "tokens": state.tokens, **_memory_stats(dims.device)}
+            log.log(state.step, last, print_line=state.step % (10 * cfg.logging.log_every) == 0)
+            t0 = time.perf_counter()
+        if eval_loader is not None and sched.eval_every and state.step % sched.eval_every == 0:
+            last["eval_loss"] = evaluate(model, eval_loader, dims, cfg, sched.eval_batches)
+            log.log(state.step, {"eval_loss": last["eval_loss"]}, print_line=True)
+        ckpt.after_step()
+    ckpt.finish()
+    log.close()
+    return {"step": state.step, "tokens": state.tokens, "run_dir": str(run_dir), **last}
+
+
+def _with_loops(mcfg, n_loops: int):
+    import dataclasses
+
+    return dataclasses.replace(mcfg, loops=n_loops)
+
+
+def _memory_stats(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "alloc_retries": torch.cuda.memory_stats(device).get("num_alloc_retries", 0)}
