@@ -141,6 +141,11 @@ class DataConfig:
     eval_fraction: float = 0.02  # documents held out for the eval loss
     tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
     on_bad_document: Literal["error", "skip"] = "error"
+    pack_window: int = 4096  # documents packed together; the shuffle/packing unit of an epoch
+    verify_checksums: bool = True  # sha256 every shard when opened (sizes are always checked)
+    stdlib_mb: float = 4.0  # source=stdlib: MB of standard-library source to train on
+    synthetic_docs: int = 4096  # source=synthetic: number of random documents
+    synthetic_doc_len: int = 512  # source=synthetic: mean document length in tokens
 
 
 @dataclass
@@ -295,6 +300,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"memory.offload_fraction={cfg.memory.offload_fraction} must be in [0, 1].")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1).")
+    for key in ("pack_window", "synthetic_docs", "synthetic_doc_len", "stdlib_mb"):
+        if not getattr(cfg.data, key) > 0:
+            raise ConfigError(f"data.{key}={getattr(cfg.data, key)!r} must be > 0; set a positive value.")
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
                           f"raise model.max_seq_len or shorten data.seq_len.")
