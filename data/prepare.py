@@ -75,7 +75,7 @@ def write_shard(index: int, texts: list[tuple[str, str]], out_dir: str, tokenize
     import pyarrow.parquet as pq
 
     tok = _TOKENIZERS.get(tokenizer) or _TOKENIZERS.setdefault(tokenizer, load_tokenizer(tokenizer))
-    bad = BadDocuments(on_bad_document)
+    bad = BadDocuments(on_bad_document, fix="pass --on-bad-document skip")
     docs, names = tokenize_texts(tok, texts, bad)
     path = Path(out_dir) / shard_name(index)
     tmp = path.with_suffix(".parquet.tmp")

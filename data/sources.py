@@ -110,8 +110,9 @@ def stdlib_files(max_bytes: Optional[int] = None) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP and not d.startswith("config-"))
         for f in sorted(filenames):
-            if f.endswith(".py") and not f.startswith("test_"):
-                files.append(Path(dirpath) / f)
+            p = Path(dirpath) / f
+            if f.endswith(".py") and not f.startswith("test_") and p.stat().st_size > 0:
+                files.append(p)
     files.sort(key=lambda p: p.relative_to(root).as_posix())
     if max_bytes is None:
         return files

@@ -30,10 +30,12 @@ class DataError(ValueError):
 class BadDocuments:
     """Applies ``data.on_bad_document``: ``error`` raises, ``skip`` counts and logs (first 10)."""
 
-    def __init__(self, policy: str = "error", max_logged: int = 10):
+    def __init__(self, policy: str = "error", max_logged: int = 10,
+                 fix: str = "set data.on_bad_document=skip"):
         if policy not in ("error", "skip"):
             raise DataError(f"data.on_bad_document={policy!r} is not allowed; choose 'error' or 'skip'.")
         self.policy = policy
+        self.fix = fix
         self.max_logged = max_logged
         self.skipped: dict[str, int] = {}
 
@@ -44,7 +46,7 @@ class BadDocuments:
     def bad(self, kind: str, message: str) -> None:
         """Report one bad document: raise under ``error``; count and log under ``skip``."""
         if self.policy == "error":
-            raise DataError(message + " To skip such documents instead, set data.on_bad_document=skip.")
+            raise DataError(f"{message} To skip such documents instead, {self.fix}.")
         self.skipped[kind] = self.skipped.get(kind, 0) + 1
         if self.total_skipped <= self.max_logged:
             log.warning("skipping bad document (%s): %s", kind, message)
