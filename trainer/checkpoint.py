@@ -1,0 +1,701 @@
+"""The one checkpoint manager: sharded, asynchronous, atomic saves and exact (or resharded) resume.
+
+Owns: ``Checkpointer`` (what the loop calls: ``maybe_resume``, ``after_step``, ``finish``, plus
+``request_save`` / ``install_signal_handlers`` for on-demand saves and ``rollback`` for the step
+guard) and the on-disk format, which the ``longtrain ckpt`` commands read without a process group.
+
+On disk, under ``checkpoint.dir`` (default ``<run_dir>/checkpoints``)::
+
+    step-200/            a complete checkpoint (torch.distributed.checkpoint shards)
+      .metadata          DCP's index: every tensor's global shape and where its chunks live
+      __<rank>_<i>.distcp  the shards, each rank writes its own
+      config.yaml        the resolved config of the run that wrote it
+      meta.json          step, tokens, the mesh layout it was written with, versions
+    step-300.tmp/        a save in progress (or an interrupted one): never read
+    latest               text file naming the newest committed step directory
+
+The idea, per property:
+
+- **Sharded and reshardable.** Model and optimizer go through ``get_state_dict`` /
+  ``set_state_dict``, so FSDP2/TP parameters are DTensors that DCP writes as chunks of one global
+  tensor and reads back into whatever layout the resuming run has. Small states (LR schedule,
+  data-loader position, train counters) are pickled blobs; the data position is global (samples
+  consumed), so a different dp size continues at the same place. RNG states are per rank and are
+  restored only when the layout is unchanged.
+- **Atomic.** Ranks write into ``step-N.tmp/``; rank 0 then checks that DCP's metadata is there
+  and that every file it references exists and is long enough, renames the directory to
+  ``step-N/`` and replaces ``latest`` with ``os.replace``. A killed save leaves only a ``.tmp``
+  directory, which resume ignores and the next run deletes.
+- **Asynchronous.** ``dcp.async_save`` copies the state to CPU memory (so the next optimizer step
+  may change the weights) and writes from a background thread. That thread runs DCP's collectives
+  on a process group of its own (gloo), never on the group the training step uses: two threads
+  issuing collectives on one group could interleave them. The commit happens in the main thread,
+  when ``after_step`` sees the write finished (or before the next save / at ``finish``).
+- **Resume.** ``resume=auto`` tries the newest complete checkpoint; one that fails verification
+  (missing or truncated shard, missing metadata) is skipped with a warning for the one before.
+  A checkpoint of a different model shape is an error, not a fallback: older ones would not fit
+  either, and silently starting over would hide it.
+- **On-demand saves agree across ranks.** A signal or a time interval may fire on ranks at
+  different steps, so ``after_step`` reduces (max) the "save now" / "exit after" flags over all
+  ranks each step; every rank then saves the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+import signal
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import yaml
+
+STEP_DIR_RE = re.compile(r"^step-(\d+)$")
+LATEST = "latest"
+FORMAT_VERSION = 1
+# A process that saved on SIGTERM/SIGUSR1 and exits so the scheduler can requeue it exits with this
+# code; launchers restart (or requeue) on it without counting a failure.
+EXIT_CODE_CHECKPOINTED = 85
+# model-config fields that decide tensor shapes or which tensors exist: resuming across a change
+# in any of them cannot work
+SHAPE_KEYS = {"llama": ("arch", "vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_dim", "n_layers", "tie_embeddings"),
+              "looped": ("arch", "vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings",
+                         "n_prelude", "n_core", "n_coda", "loops_max", "lora_rank", "reinject")}
+LAYOUT_KEYS = ("dp_replicate", "dp_shard", "sp", "tp", "pp", "world_size")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the checkpoint and what is wrong."""
+
+
+class CheckpointCorrupt(CheckpointError):
+    """Incomplete or damaged on disk (missing/truncated files): ``resume=auto`` falls back."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """Complete, but written for another model: never silently skipped."""
+
+
+class CheckpointedExit(SystemExit):
+    """Raised after the save requested by a termination signal: the process exits with
+    ``EXIT_CODE_CHECKPOINTED`` (a ``SystemExit``, so a launcher may also catch it)."""
+
+    def __init__(self, step: int):
+        super().__init__(EXIT_CODE_CHECKPOINTED)
+        self.step = step
+
+
+# --------------------------------------------------------------------------------------------
+# The directory format (no process group needed: the CLI and tests use these too)
+# --------------------------------------------------------------------------------------------
+
+
+def step_dirs(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Committed ``step-N`` directories under ``root``, oldest first (``.tmp`` ones excluded)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = STEP_DIR_RE.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def read_latest(root: str | os.PathLike) -> Optional[Path]:
+    """The step directory ``latest`` names, or None."""
+    f = Path(root) / LATEST
+    if not f.is_file():
+        return None
+    name = f.read_text().strip()
+    return Path(root) / name if name else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
+    """A step directory, or a checkpoint root (its ``latest``, else its newest step directory)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path {str(p)!r} does not exist; give a step directory "
+                              f"(.../checkpoints/step-N) or a checkpoint directory holding them.")
+    if (p / ".metadata").exists() or (p / "meta.json").exists():
+        return p
+    latest = read_latest(p)
+    if latest is not None and latest.is_dir():
+        return latest
+    dirs = step_dirs(p)
+    if dirs:
+        return dirs[-1][1]
+    raise CheckpointError(f"{p} is neither a checkpoint (no .metadata) nor a directory of step-N "
+                          f"checkpoints.")
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    f = Path(path) / "meta.json"
+    if not f.is_file():
+        raise CheckpointCorrupt(f"checkpoint {path}: meta.json is missing (an incomplete save?).")
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointCorrupt(f"checkpoint {path}: meta.json is unreadable ({e}).") from None
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    f = Path(path) / "config.yaml"
+    if not f.is_file():
+        raise CheckpointCorrupt(f"checkpoint {path}: config.yaml is missing (an incomplete save?).")
+    try:
+        return yaml.safe_load(f.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointCorrupt(f"checkpoint {path}: config.yaml is unreadable ({e}).") from None
+
+
+def verify_checkpoint(path: str | os.PathLike):
+    """Check a checkpoint is complete on disk; return DCP's ``Metadata``.
+
+    Complete means: ``.metadata`` present and readable, ``meta.json`` and ``config.yaml``
+    present, and every shard file the metadata references exists and is at least as long as the
+    last byte range it is said to hold. Contents are not checksummed.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointCorrupt(f"checkpoint {path} is not a directory.")
+    if not (path / ".metadata").is_file():
+        raise CheckpointCorrupt(f"checkpoint {path}: .metadata is missing; the save did not finish.")
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise CheckpointCorrupt(f"checkpoint {path}: .metadata is unreadable ({type(e).__name__}: {e}).") from None
+    read_meta(path)
+    read_config(path)
+    need: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        rel = str(info.relative_path)
+        need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
+    for rel, end in sorted(need.items()):
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointCorrupt(f"checkpoint {path}: shard file {rel} is missing.")
+        size = f.stat().st_size
+        if size == 0 or size < end:
+            raise CheckpointCorrupt(f"checkpoint {path}: shard file {rel} is truncated "
+                                    f"({size} bytes, the metadata needs {end}).")
+    return metadata
+
+
+def check_model_compatible(path: Path, saved_cfg: dict, model_cfg) -> None:
+    """Raise ``CheckpointMismatch`` naming every model-shape field that differs."""
+    saved = saved_cfg.get("model", {})
+    keys = SHAPE_KEYS.get(model_cfg.arch, SHAPE_KEYS["looped"])
+    diffs = [f"model.{k}: checkpoint {saved[k]!r}, this run {getattr(model_cfg, k)!r}"
+             for k in keys if k in saved and saved[k] != getattr(model_cfg, k)]
+    if diffs:
+        raise CheckpointMismatch(
+            f"checkpoint {path} was written for a different model shape: " + "; ".join(diffs)
+            + ". Resume with the checkpoint's model settings, or start fresh with checkpoint.resume=none "
+              "(or another checkpoint.dir).")
+
+
+def _global_shape(t) -> tuple:
+    return tuple(t.shape)  # DTensor.shape is the global shape
+
+
+def check_tensor_shapes(path: Path, metadata, prefix: str, state: dict) -> None:
+    """Every tensor of ``state`` (keys under ``prefix``) exists in the checkpoint with its shape."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    saved = metadata.state_dict_metadata
+    missing, wrong = [], []
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        md = saved.get(f"{prefix}.{name}")
+        if md is None:
+            missing.append(name)
+        elif isinstance(md, TensorStorageMetadata) and tuple(md.size) != _global_shape(t):
+            wrong.append(f"{name}: checkpoint {tuple(md.size)}, model {_global_shape(t)}")
+    if missing or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:5]}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+        if wrong:
+            parts.append("shape differs: " + "; ".join(wrong[:5]))
+        raise CheckpointMismatch(f"checkpoint {path} does not fit this model's {prefix}: " + ", ".join(parts) + ".")
+
+
+# --------------------------------------------------------------------------------------------
+# Small states and RNG
+# --------------------------------------------------------------------------------------------
+
+
+def _blob(obj: Any) -> bytes:
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _unblob(b: Any) -> Any:
+    return pickle.loads(b) if isinstance(b, (bytes, bytearray)) else b
+
+
+def rng_state() -> dict:
+    import numpy as np
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict) -> None:
+    import numpy as np
+
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def layout_of(dims) -> dict:
+    return {k: int(getattr(dims, k, 1)) for k in LAYOUT_KEYS}
+
+
+def _log(msg: str) -> None:
+    print(f"[longtrain] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The manager
+# --------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves and restores the bundle {model, optimizer, lr_scheduler, dataloader, train_state, rng}.
+
+    Every rank constructs it (it may create a process group, a collective). Any of
+    ``optimizer``/``scheduler``/``loader``/``state`` may be None, and is then neither saved nor
+    restored.
+    """
+
+    def __init__(self, cfg, dims, run_dir, *, model, optimizer=None, scheduler=None, loader=None, state=None):
+        self.cfg, self.ccfg, self.dims = cfg, cfg.checkpoint, dims
+        self.model, self.optimizer, self.scheduler, self.loader, self.state = model, optimizer, scheduler, loader, state
+        self.root = Path(self.ccfg.dir) if self.ccfg.dir else Path(run_dir) / "checkpoints"
+        self.rank = int(getattr(dims, "rank", 0))
+        self.world_size = int(getattr(dims, "world_size", 1))
+        self.is_main = self.rank == 0
+        self.distributed = self.world_size > 1 and dist.is_available() and dist.is_initialized()
+        # DCP's collectives (also those of the async writer thread) run on a group of their own
+        self.pg = None
+        if self.distributed:
+            self.pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.parallel.init_timeout_s))
+        self._pending: Optional[tuple[int, Path, Any]] = None  # (step, tmp dir, future)
+        self._last_saved_step = -1
+        self._last_save_time = time.monotonic()
+        self._save_requested = False
+        self._exit_requested = False
+        self._signals_installed: list = []
+        self._rollbacks: dict[str, int] = {}
+        self.loaded_from: Optional[Path] = None
+
+    # ---------------------------------------------------------------- the loop's interface
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step) if self.state is not None else 0
+
+    def maybe_resume(self) -> Optional[Path]:
+        """Resume as ``checkpoint.resume`` says; otherwise start from ``init_from_hf`` if set.
+
+        Returns the checkpoint loaded (None when starting fresh).
+        """
+        mode = self.ccfg.resume
+        if self.is_main:
+            self._remove_stale_tmp()
+        if mode == "auto":
+            candidates = [p for _, p in reversed(step_dirs(self.root))]
+            strict = False
+        elif mode == "none":
+            candidates, strict = [], True
+        else:
+            candidates, strict = [resolve_checkpoint_path(mode)], True
+        failures = []
+        for path in candidates:
+            try:
+                self.load(path)
+            except CheckpointCorrupt as e:
+                if strict:
+                    raise
+                failures.append(str(e))
+                if self.is_main:
+                    warnings.warn(f"{e} Falling back to the previous checkpoint.", stacklevel=2)
+                    _log(f"WARNING: {e} -- trying the previous checkpoint")
+                continue
+            return path
+        if failures:
+            raise CheckpointError(f"no usable checkpoint in {self.root}: " + " | ".join(failures)
+                                  + " Delete the damaged directories or set checkpoint.resume=none.")
+        if self.ccfg.init_from_hf:
+            from longtrain.trainer.hf import load_hf_weights
+
+            load_hf_weights(self.model, self.ccfg.init_from_hf, self.cfg.model)
+            if self.is_main:
+                _log(f"initialised weights from Hugging Face checkpoint {self.ccfg.init_from_hf}")
+        return None
+
+    def after_step(self) -> None:
+        """Commit a finished async save; save on the step interval, the time interval or a request."""
+        self._poll_pending()
+        step = self.step
+        every = self.ccfg.every_steps
+        due = bool(every) and step % every == 0
+        flags = [self._save_requested or (self.ccfg.every_seconds > 0 and
+                                          time.monotonic() - self._last_save_time >= self.ccfg.every_seconds),
+                 self._exit_requested]
+        if self.distributed:  # the same decision on every rank (signals arrive at different steps)
+            t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=self._collective_device())
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flags = [bool(x) for x in t.tolist()]
+        on_demand, exit_after = flags
+        if due or on_demand:
+            self.save(sync=exit_after or not self.ccfg.async_save)
+            self._save_requested = False
+        if exit_after:
+            self.wait()
+            if self.is_main:
+                _log(f"saved step {step} on request; exiting with code {EXIT_CODE_CHECKPOINTED} so the job "
+                     f"can be requeued")
+            raise CheckpointedExit(step)
+
+    def finish(self) -> None:
+        """The final save (``checkpoint.save_final``) and waiting for every write to commit."""
+        if self.ccfg.save_final and self._last_saved_step != self.step:
+            self.save(sync=True)
+        self.wait()
+        self.uninstall_signal_handlers()
+
+    close = finish
+
+    # ---------------------------------------------------------------- on demand
+
+    def request_save(self, exit_after: bool = False) -> None:
+        """Save at the next ``after_step`` (safe to call from a signal handler)."""
+        self._save_requested = True
+        self._exit_requested = self._exit_requested or exit_after
+
+    def install_signal_handlers(self, signals=(signal.SIGTERM, signal.SIGUSR1), exit_after: bool = True) -> None:
+        """On each of ``signals``: save at the next step, then (``exit_after``) exit with
+        ``EXIT_CODE_CHECKPOINTED``. Only the main thread may install handlers; others are ignored."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in signals:
+            prev = signal.getsignal(sig)
+
+            def handler(signum, frame, _exit=exit_after):
+                self.request_save(exit_after=_exit)
+
+            signal.signal(sig, handler)
+            self._signals_installed.append((sig, prev))
+
+    def uninstall_signal_handlers(self) -> None:
+        for sig, prev in reversed(self._signals_installed):
+            try:
+                signal.signal(sig, prev)
+            except (ValueError, TypeError):
+                pass
+        self._signals_installed = []
+
+    def rollback(self, reason: str = "", max_per_checkpoint: int = 3) -> Path:
+        """Reload the newest complete checkpoint after a bad step (``optim.on_nonfinite=rollback``).
+
+        Everything is restored except the data position: the loader keeps going, so the batches
+        that produced the bad step are not replayed (replaying them would fail the same way).
+        """
+        self.wait()
+        dirs = step_dirs(self.root)
+        if not dirs:
+            raise CheckpointError(f"{reason}: optim.on_nonfinite=rollback, but no checkpoint exists in "
+                                  f"{self.root} yet; set checkpoint.every_steps so one is written, or use "
+                                  f"optim.on_nonfinite=skip.")
+        path = dirs[-1][1]
+        n = self._rollbacks.get(str(path), 0) + 1
+        if n > max_per_checkpoint:
+            raise CheckpointError(f"{reason}: rolled back to {path} {n - 1} times already and the run keeps "
+                                  f"diverging; lower optim.lr or inspect the data after step {dirs[-1][0]}.")
+        self._rollbacks[str(path)] = n
+        self.load(path, restore_data=False)
+        if self.is_main:
+            _log(f"{reason}: rolled back to {path.name} (rollback {n}/{max_per_checkpoint}); the data loader "
+                 f"continues past the bad batches")
+        return path
+
+    # ---------------------------------------------------------------- save
+
+    def save(self, sync: bool = False) -> None:
+        """Write the bundle for the current step (async unless ``sync``); returns once staged."""
+        step = self.step
+        self.wait()  # one save in flight at a time; commits the previous one
+        if step == self._last_saved_step:
+            return
+        tmp = self.root / f"step-{step}.tmp"
+        if self.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self._write_side_files(tmp, step)
+        self._barrier()  # nobody writes into tmp before rank 0 has (re)created it
+        state = self._state_for_save()
+        self._last_saved_step = step
+        self._last_save_time = time.monotonic()
+        if sync or not self.ccfg.async_save:
+            try:
+                dcp.save(state, checkpoint_id=str(tmp), process_group=self.pg, no_dist=not self.distributed)
+            except Exception as e:  # noqa: BLE001
+                self._save_failed(step, tmp, e)
+                return
+            self._commit(step, tmp)
+            self._barrier()  # a returned synchronous save is committed, on every rank
+        else:
+            fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.pg,
+                                 no_dist=not self.distributed)
+            fut = getattr(fut, "upload_completion", fut)  # AsyncSaveResponse in some versions
+            self._pending = (step, tmp, fut)
+
+    def wait(self) -> None:
+        """Block until the in-flight async save is written, then commit it."""
+        if self._pending is None:
+            return
+        step, tmp, fut = self._pending
+        self._pending = None
+        try:
+            fut.result()
+        except Exception as e:  # noqa: BLE001
+            self._save_failed(step, tmp, e)
+            return
+        self._commit(step, tmp)
+
+    def _poll_pending(self) -> None:
+        if self._pending is not None and self._pending[2].done():
+            self.wait()
+
+    def _save_failed(self, step: int, tmp: Path, err: Exception) -> None:
+        msg = f"checkpoint save of step {step} to {tmp} failed: {type(err).__name__}: {err}"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self.ccfg.on_save_error == "stop":
+            raise CheckpointError(msg + " (checkpoint.on_save_error=stop)") from err
+        if self.is_main:
+            _log(f"WARNING: {msg}; training continues (checkpoint.on_save_error=continue); `latest` still "
+                 f"names the previous checkpoint")
+
+    def _commit(self, step: int, tmp: Path) -> None:
+        """Rank 0: verify, rename step-N.tmp -> step-N, replace ``latest``, apply retention.
+
+        DCP's coordinator writes ``.metadata`` only after every rank reported its writes done, so
+        rank 0 seeing the save finish means all shards are on disk.
+        """
+        if not self.is_main:
+            return
+        try:
+            verify_checkpoint(tmp)
+        except CheckpointError as e:
+            self._save_failed(step, tmp, e)
+            return
+        final = self.root / f"step-{step}"
+        if final.exists():  # the same step saved again (e.g. after a rollback): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        _write_atomic(self.root / LATEST, final.name + "\n")
+        _log(f"checkpoint {final} committed")
+        self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        dirs = step_dirs(self.root)
+        keep = {s for s, _ in dirs[-self.ccfg.keep_last:]}
+        if self.ccfg.keep_every:
+            keep |= {s for s, _ in dirs if s % self.ccfg.keep_every == 0}
+        latest = read_latest(self.root)
+        for s, p in dirs:
+            if s not in keep and p != latest:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _remove_stale_tmp(self) -> None:
+        if self.root.is_dir():
+            for p in self.root.glob("step-*.tmp"):
+                _log(f"removing {p} (an interrupted save)")
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _write_side_files(self, tmp: Path, step: int) -> None:
+        meta = {"format": FORMAT_VERSION, "step": step,
+                "tokens": int(getattr(self.state, "tokens", 0)) if self.state is not None else 0,
+                "layout": layout_of(self.dims), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "torch": torch.__version__, "arch": self.cfg.model.arch}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        (tmp / "config.yaml").write_text(self.cfg.to_yaml())
+
+    def _state_for_save(self) -> dict:
+        model_sd, optim_sd = self._get_model_optim()
+        state: dict = {"model": model_sd}
+        if optim_sd is not None:
+            state["optimizer"] = optim_sd
+        for key, obj in self._small_states(restore_data=True).items():
+            state[key] = _blob(obj.state_dict())
+        state["rng"] = {f"rank{self.rank}": _blob(rng_state())}
+        return state
+
+    # ---------------------------------------------------------------- load
+
+    def load(self, path: str | os.PathLike, restore_data: bool = True) -> None:
+        """Load a checkpoint into the live objects (any layout: DCP reshards)."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        path = Path(path)
+        metadata = verify_checkpoint(path)
+        saved_cfg = read_config(path)
+        meta = read_meta(path)
+        check_model_compatible(path, saved_cfg, self.cfg.model)
+        model_sd, optim_sd = self._get_model_optim()
+        check_tensor_shapes(path, metadata, "model", model_sd)
+        keys = set(metadata.state_dict_metadata)
+        state: dict = {"model": model_sd}
+        if optim_sd is not None:
+            if not any(k.startswith("optimizer.") for k in keys):
+                raise CheckpointMismatch(f"checkpoint {path} holds no optimizer state; this run needs one.")
+            state["optimizer"] = optim_sd
+        small = self._small_states(restore_data)
+        for key in small:
+            if key not in keys:
+                raise CheckpointCorrupt(f"checkpoint {path}: the {key} state is missing.")
+            state[key] = b""
+        same_layout = meta.get("layout") == layout_of(self.dims)
+        rng_key = f"rng.rank{self.rank}"
+        if same_layout and rng_key in keys:
+            state["rng"] = {f"rank{self.rank}": b""}
+        try:
+            dcp.load(state, checkpoint_id=str(path), process_group=self.pg, no_dist=not self.distributed)
+        except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures in CheckpointException
+            raise CheckpointCorrupt(f"checkpoint {path} could not be read: {type(e).__name__}: "
+                                    f"{str(e)[:2000]}") from e
+        set_state_dict(self.model, self.optimizer if optim_sd is not None else [],
+                       model_state_dict=state["model"], optim_state_dict=state.get("optimizer", {}))
+        for key, obj in small.items():
+            obj.load_state_dict(_unblob(state[key]))
+        if "rng" in state:
+            set_rng_state(_unblob(state["rng"][f"rank{self.rank}"]))
+        self._last_saved_step = int(meta.get("step", -1))
+        self._last_save_time = time.monotonic()
+        self.loaded_from = path
+        if self.is_main:
+            how = "same layout" if same_layout else \
+                f"resharded from {meta.get('layout')} to {layout_of(self.dims)}; RNG states not restored"
+            _log(f"resumed from {path} (step {meta.get('step')}, {how})")
+
+    def _small_states(self, restore_data: bool) -> dict:
+        out = {}
+        if self.scheduler is not None:
+            out["lr_scheduler"] = self.scheduler
+        if self.loader is not None and restore_data:
+            out["dataloader"] = self.loader
+        if self.state is not None:
+            out["train_state"] = self.state
+        return out
+
+    def _get_model_optim(self):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        if self.optimizer is None:
+            return get_model_state_dict(self.model), None
+        return get_state_dict(self.model, self.optimizer)
+
+    # ---------------------------------------------------------------- collectives
+
+    def _collective_device(self) -> torch.device:
+        backend = dist.get_backend()
+        if "nccl" in str(backend):
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.pg)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a checkpoint without a process group (CLI, export)
+# --------------------------------------------------------------------------------------------
+
+
+def load_full_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model tensors of a checkpoint as full (unsharded) CPU tensors, keyed by parameter name."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    metadata = verify_checkpoint(path)
+    model = {}
+    for fqn, md in metadata.state_dict_metadata.items():
+        if fqn.startswith("model.") and isinstance(md, TensorStorageMetadata):
+            model[fqn[len("model."):]] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+    if not model:
+        raise CheckpointCorrupt(f"checkpoint {path} holds no model tensors.")
+    state = {"model": model}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    return state["model"]
+
+
+def describe_checkpoint(path: str | os.PathLike) -> dict:
+    """What ``longtrain ckpt inspect`` prints: step, layout, tensors with shapes and bytes."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    path = Path(path)
+    metadata = verify_checkpoint(path)
+    meta = read_meta(path)
+    tensors, blobs = [], []
+    for fqn, md in sorted(metadata.state_dict_metadata.items()):
+        if isinstance(md, TensorStorageMetadata):
+            n = 1
+            for s in md.size:
+                n *= int(s)
+            nbytes = n * md.properties.dtype.itemsize
+            tensors.append({"name": fqn, "shape": list(md.size), "dtype": str(md.properties.dtype).replace("torch.", ""),
+                            "bytes": nbytes, "chunks": len(md.chunks)})
+        elif isinstance(md, BytesStorageMetadata):
+            blobs.append(fqn)
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    return {"path": str(path), "step": meta.get("step"), "tokens": meta.get("tokens"), "layout": meta.get("layout"),
+            "arch": meta.get("arch"), "time": meta.get("time"), "torch": meta.get("torch"),
+            "tensors": tensors, "objects": blobs,
+            "tensor_bytes": sum(t["bytes"] for t in tensors),
+            "disk_bytes": sum(p.stat().st_size for p in files), "files": len(files)}
+
