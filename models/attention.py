@@ -49,6 +49,14 @@ def select_backend(requested: str, device: torch.device, has_docs: bool) -> str:
     return "sdpa_cudnn"
 
 
+def describe_backends(requested: str, device: torch.device) -> str:
+    """One line for the start-up log: which kernel each case will use."""
+    plain = select_backend(requested, device, has_docs=False)
+    docs = select_backend(requested, device, has_docs=True)
+    how = "auto-selected" if requested == "auto" else "set by model.attn_backend"
+    return f"attention: plain causal -> {plain}, document masks -> {docs} ({how})"
+
+
 _SDPA_KERNEL = {
     "sdpa_cudnn": "CUDNN_ATTENTION",
     "sdpa_flash": "FLASH_ATTENTION",
