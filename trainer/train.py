@@ -82,12 +82,12 @@ def train(cfg: Config) -> dict:
     looped = cfg.model.arch == "looped"
     peak, peak_src = device_peak_flops(dims.device)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * dims.dp_size * sched.grad_accum
-    log = MetricsLogger(run_dir, cfg, dims.is_main, sched.steps, state.step)
     if dims.is_main:
         from longtrain.models.attention import describe_backends
 
         print(f"[longtrain] {dims.describe()}\n[longtrain] {describe_backends(cfg.model.attn_backend, dims.device)}"
               f"\n[longtrain] MFU is measured against {peak / 1e12:.3g} TFLOP/s per rank ({peak_src})", flush=True)
+    log = MetricsLogger(run_dir, cfg, dims.is_main, sched.steps, state.step)
     last = {}
     t0 = time.perf_counter()
     while state.step < sched.steps:
