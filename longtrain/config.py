@@ -200,30 +200,46 @@ class LoggingConfig:
 
 @dataclass
 class RayConfig:
-    address: str = ""  # "" = start a local cluster
+    """``launch.backend=ray``: one actor per worker in a placement group (see launch/ray_backend.py)."""
+
+    address: str = ""  # "" = start a local cluster in this process; "auto" or ray://host:10001 = connect
+    num_cpus: int = 0  # CPUs of a local cluster; 0 = this machine's (only when address is "")
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement_timeout_s: float = 120.0  # how long to wait for the bundles before giving up
 
 
 @dataclass
 class SlurmConfig:
+    """``launch.backend=slurm``: the sbatch script ``longtrain launch`` writes (see launch/slurm.py)."""
+
     partition: str = ""
     account: str = ""
+    qos: str = ""
     time: str = "01:00:00"
-    gpus_per_node: int = 0
+    gpus_per_node: int = 0  # 0 = CPU job: launch.nproc_per_node tasks per node, one per CPU slot
     cpus_per_task: int = 1
-    signal_seconds: int = 120  # --signal=USR1@N: checkpoint and requeue this long before the limit
-    extra_sbatch: list = field(default_factory=list)
+    mem: str = ""  # e.g. 200G; "" = the partition's default
+    signal_seconds: int = 120  # --signal=B:USR1@N: checkpoint and requeue this long before the limit
+    requeue: bool = True  # requeue the job itself after a checkpoint on USR1 (preemption, time limit)
+    extra_sbatch: list = field(default_factory=list)  # more #SBATCH lines, e.g. ["--constraint=h100"]
+    setup: list = field(default_factory=list)  # shell lines run before srun (module load, venv activation)
+    python: str = ""  # the interpreter on the nodes; "" = the one running `longtrain launch`
     job_name: str = "longtrain"
+    output: str = ""  # sbatch --output; "" = <run_dir>/slurm-%j.out
 
 
 @dataclass
 class LaunchConfig:
+    """How ``longtrain launch`` starts the workers; every worker runs ``launch.entry(cfg)``."""
+
     backend: Literal["local", "ray", "slurm"] = "local"
     nodes: int = 1
-    nproc_per_node: int = 1
-    max_restarts: int = 0
+    nproc_per_node: int = 1  # workers per node: one per GPU, or per CPU slot on a CPU machine
+    max_restarts: int = 0  # restart the whole group (from the newest checkpoint) this many times
+    entry: str = "longtrain.trainer.train:train"  # the function each worker calls with the config
+    master_port: int = 0  # local: rendezvous port; 0 = a free one
     ray: RayConfig = field(default_factory=RayConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -260,22 +276,25 @@ _POSITIVE = {
     "model.n_layers", "model.max_seq_len", "model.loops", "model.loops_max", "data.seq_len",
     "data.batch_size", "optim.lr", "schedule.grad_accum", "parallel.dp_replicate", "parallel.tp",
     "parallel.sp", "parallel.pp", "parallel.pp_virtual_stages", "checkpoint.keep_last",
-    "launch.nodes", "launch.nproc_per_node", "parallel.timeout_s", "parallel.init_timeout_s",
+    "launch.nodes", "launch.nproc_per_node", "launch.slurm.cpus_per_task", "parallel.timeout_s", "parallel.init_timeout_s",
     "memory.host_budget_gb",
 }
 _NON_NEGATIVE = {
     "model.n_prelude", "model.n_coda", "model.backprop_loops", "model.lora_rank",
     "optim.weight_decay", "optim.grad_clip", "schedule.steps", "schedule.warmup_steps",
     "schedule.eval_every", "memory.tiled_mlp", "memory.tiled_loss", "checkpoint.every_steps",
-    "checkpoint.keep_every", "launch.max_restarts", "optim.spike_factor", "memory.gpu_budget_gb",
+    "checkpoint.keep_every", "launch.max_restarts", "launch.master_port", "launch.ray.num_cpus",
+    "launch.ray.cpus_per_worker", "launch.ray.gpus_per_worker", "launch.slurm.gpus_per_node",
+    "launch.slurm.signal_seconds", "optim.spike_factor", "memory.gpu_budget_gb",
 }
 
 
 def validate(cfg: Config) -> Config:
     """Checks of single values and of relations inside the tree; raises ConfigError."""
     for key in sorted(_POSITIVE | _NON_NEGATIVE):
-        sec, name = key.split(".")
-        value = getattr(getattr(cfg, sec), name)
+        value = cfg
+        for name in key.split("."):  # nested sections: launch.slurm.cpus_per_task
+            value = getattr(value, name)
         if key in _POSITIVE and not value > 0:
             raise ConfigError(f"{key}={value!r} must be > 0; set a positive value.")
         if key in _NON_NEGATIVE and value < 0:
