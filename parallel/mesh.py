@@ -1,0 +1,294 @@
+"""The device mesh: which rank holds which slice of data, sequence, heads and layers.
+
+Owns: ``ParallelDims`` (the sizes from ``cfg.parallel``, checked against the world size and the
+model, plus the one named ``DeviceMesh`` and every rank / size derived from it) and
+``init_distributed(cfg)`` (environment -> process group -> mesh).
+
+The mesh has five named dimensions, outermost first::
+
+    ("pp", "dp_replicate", "dp_shard", "sp", "tp")
+
+Innermost is the most communication-heavy: tensor parallel talks inside every layer (keep it in
+one NVLink island), Ulysses once per attention, FSDP once per block, replication once per step.
+Three flattened views serve the callers:
+
+- ``dp``          = dp_replicate x dp_shard: ranks that read different samples (the data loader);
+- ``dp_shard_sp`` = dp_shard x sp: ranks that hold the same parameters and different tokens, so
+  FSDP shards over them (Ulysses ranks would otherwise keep redundant copies);
+- ``dp_sp``       = dp_replicate x dp_shard x sp: ranks whose token losses add up to the global
+  loss (token counts and logged loss are summed over it).
+
+Every size is kept in the mesh (size-1 dimensions included), so ``get_group("sp")`` always works
+and a rank or size is computed in exactly one place. One ``ParallelDims`` object is passed
+explicitly to whoever needs it; there is no global state. World size 1 is the special case with
+no process group and no mesh at all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from longtrain.config import ConfigError
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "sp", "tp")
+# flattened views: name -> the mesh dims it spans (contiguous in MESH_DIMS, as flattening needs)
+FLAT_DIMS = {
+    "dp": ("dp_replicate", "dp_shard"),
+    "dp_shard_sp": ("dp_shard", "sp"),
+    "dp_sp": ("dp_replicate", "dp_shard", "sp"),
+}
+
+
+def _divisors(n: int) -> str:
+    return "{" + ", ".join(str(d) for d in range(1, n + 1) if n % d == 0) + "}"
+
+
+@dataclass
+class ParallelDims:
+    """Mesh sizes (already resolved: ``dp_shard`` is never -1 here) and, once built, the mesh."""
+
+    dp_replicate: int
+    dp_shard: int
+    sp: int
+    tp: int
+    pp: int
+    world_size: int
+    rank: int = 0
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    mesh: Optional["torch.distributed.device_mesh.DeviceMesh"] = None
+    # the flattened views, kept here: slicing them back out of the root mesh is deprecated
+    flat_meshes: dict = field(default_factory=dict, repr=False)
+
+    # ---------------------------------------------------------------- construction and checks
+
+    @classmethod
+    def from_config(cls, cfg, world_size: int, rank: int = 0, local_rank: int = 0,
+                    device: torch.device | None = None) -> "ParallelDims":
+        """Resolve ``dp_shard=-1`` and check every size against the world and the model.
+
+        Pure: needs no process group, so configuration errors surface before any rank waits.
+        """
+        p = cfg.parallel
+        named = {"parallel.dp_replicate": p.dp_replicate, "parallel.tp": p.tp, "parallel.sp": p.sp,
+                 "parallel.pp": p.pp}
+        for key, v in named.items():
+            if v < 1:
+                raise ConfigError(f"{key}={v} must be >= 1.")
+        fixed = p.dp_replicate * p.tp * p.sp * p.pp
+        sizes = " * ".join(f"{k}={v}" for k, v in named.items())
+        if p.dp_shard == -1:
+            if world_size % fixed:
+                raise ConfigError(
+                    f"world size {world_size} is not divisible by {sizes} (= {fixed}), so "
+                    f"parallel.dp_shard=-1 cannot fill the rest; choose sizes whose product divides "
+                    f"{world_size}, or launch a multiple of {fixed} processes.")
+            dp_shard = world_size // fixed
+        elif p.dp_shard < 1:
+            raise ConfigError(f"parallel.dp_shard={p.dp_shard} must be >= 1, or -1 to fill the world size.")
+        else:
+            dp_shard = p.dp_shard
+        if fixed * dp_shard != world_size:
+            raise ConfigError(
+                f"{sizes} * parallel.dp_shard={dp_shard} = {fixed * dp_shard}, but the world size is "
+                f"{world_size}; their product must equal the number of processes. Set "
+                f"parallel.dp_shard=-1 to fill the rest, or change the sizes or the process count.")
+        dims = cls(dp_replicate=p.dp_replicate, dp_shard=dp_shard, sp=p.sp, tp=p.tp, pp=p.pp,
+                   world_size=world_size, rank=rank, local_rank=local_rank,
+                   device=device if device is not None else torch.device("cpu"))
+        dims.check_model(cfg.model, cfg.data.seq_len)
+        return dims
+
+    def check_model(self, m, seq_len: int) -> None:
+        """Sizes that must divide the model's heads, widths and the sequence."""
+        tp, sp = self.tp, self.sp
+        if m.n_heads % tp:
+            raise ConfigError(f"parallel.tp={tp} does not divide model.n_heads={m.n_heads}; "
+                              f"use tp in {_divisors(m.n_heads)}.")
+        if m.n_kv_heads % tp:
+            raise ConfigError(f"parallel.tp={tp} does not divide model.n_kv_heads={m.n_kv_heads} (tensor "
+                              f"parallel splits whole key/value heads); use tp in {_divisors(m.n_kv_heads)}.")
+        if (m.n_heads // tp) % sp:
+            local = m.n_heads // tp
+            raise ConfigError(
+                f"parallel.sp={sp} does not divide model.n_heads={m.n_heads}"
+                + (f" / parallel.tp={tp} = {local} heads per tensor-parallel rank" if tp > 1 else "")
+                + f"; Ulysses gives each rank whole heads, so use sp in {_divisors(local)}.")
+        for key, width in (("model.ffn_dim", m.ffn_dim), ("model.vocab_size", m.vocab_size)):
+            if width % tp:
+                raise ConfigError(f"parallel.tp={tp} does not divide {key}={width}; choose tp in "
+                                  f"{_divisors(width)} or change {key}.")
+        if seq_len % (sp * tp):
+            raise ConfigError(
+                f"data.seq_len={seq_len} is not divisible by parallel.sp * parallel.tp = {sp} * {tp} = "
+                f"{sp * tp}; each rank holds seq_len / (sp * tp) tokens of the residual stream. Use a "
+                f"seq_len that is a multiple of {sp * tp}.")
+
+    def build_mesh(self, device_type: str) -> None:
+        """The one DeviceMesh over all ranks, plus its flattened views."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shape = tuple(getattr(self, d) for d in MESH_DIMS)
+        self.mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+        self.flat_meshes = {name: self.mesh[parts]._flatten(mesh_dim_name=name)
+                            for name, parts in FLAT_DIMS.items()}
+
+    # ---------------------------------------------------------------- what callers ask for
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def sp_size(self) -> int:
+        return self.sp
+
+    @property
+    def tp_size(self) -> int:
+        return self.tp
+
+    @property
+    def pp_size(self) -> int:
+        return self.pp
+
+    def size(self, name: str) -> int:
+        """Size of a mesh dimension or flattened view ("dp", "dp_shard_sp", "dp_sp", "tp", ...)."""
+        if name in MESH_DIMS:
+            return getattr(self, name)
+        if name in FLAT_DIMS:
+            out = 1
+            for d in FLAT_DIMS[name]:
+                out *= getattr(self, d)
+            return out
+        raise KeyError(f"unknown mesh dimension {name!r}; known: {MESH_DIMS + tuple(FLAT_DIMS)}")
+
+    def local_rank_in(self, name: str) -> int:
+        """This rank's index along a mesh dimension or flattened view (0 without a mesh)."""
+        self.size(name)  # validates the name
+        if self.mesh is None:
+            return 0
+        return self.get_mesh(name).get_local_rank()
+
+    @property
+    def dp_rank(self) -> int:
+        return self.local_rank_in("dp")
+
+    @property
+    def sp_rank(self) -> int:
+        return self.local_rank_in("sp")
+
+    @property
+    def tp_rank(self) -> int:
+        return self.local_rank_in("tp")
+
+    @property
+    def pp_rank(self) -> int:
+        return self.local_rank_in("pp")
+
+    def get_mesh(self, name: str | tuple[str, ...]):
+        """A (sub)mesh by name, e.g. "tp", "dp_shard_sp" or ("dp_replicate", "dp_shard_sp")."""
+        if self.mesh is None:
+            return None
+        if isinstance(name, str) and name in self.flat_meshes:
+            return self.flat_meshes[name]
+        return self.mesh[name]
+
+    def get_group(self, name: str) -> Optional[dist.ProcessGroup]:
+        """The process group of one dimension or flattened view; None in a single process."""
+        self.size(name)
+        if self.mesh is None:
+            return None
+        return self.get_mesh(name).get_group()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def describe(self) -> str:
+        return (f"mesh: pp={self.pp} dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} "
+                f"sp={self.sp} tp={self.tp} (world {self.world_size})")
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} must be an integer (set by the launcher).") from None
+
+
+def _backend(cfg) -> str:
+    b = cfg.parallel.backend
+    if b == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if b == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("parallel.backend=nccl needs CUDA GPUs, but none is visible; use "
+                          "parallel.backend=gloo (or auto) on CPU.")
+    return b
+
+
+def init_distributed(cfg) -> ParallelDims:
+    """Read the launcher's environment (torchrun names), start the process group, build the mesh.
+
+    RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as torchrun sets them; absent
+    means a single process (no process group). If the default group is already initialised
+    (a test harness, an outer framework) it is reused. The init timeout is long (slow nodes,
+    large clusters); afterwards every group gets the shorter training timeout so a hung
+    collective fails in minutes instead of hanging the job.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if dist.is_initialized():
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+    backend = _backend(cfg) if world_size > 1 else None
+    use_cuda = (backend == "nccl") or (world_size == 1 and torch.cuda.is_available()
+                                       and cfg.schedule.device != "cpu")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    # checks before the process group: a config error must not leave other ranks waiting
+    dims = ParallelDims.from_config(cfg, world_size, rank=rank, local_rank=local_rank, device=device)
+    if world_size == 1:
+        return dims
+    if not dist.is_initialized():
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if var not in os.environ:
+                raise ConfigError(f"WORLD_SIZE={world_size} but {var} is not set; start the job with a "
+                                  f"launcher (torchrun, `longtrain launch`) that sets it.")
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=cfg.parallel.init_timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    dims.build_mesh(device.type)
+    _set_training_timeout(dims, cfg.parallel.timeout_s)
+    return dims
+
+
+def _set_training_timeout(dims: ParallelDims, seconds: float) -> None:
+    """Shorten the timeout of the default group and every mesh group, after init."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    timeout = timedelta(seconds=seconds)
+    groups = {id(dist.group.WORLD): dist.group.WORLD}
+    for name in MESH_DIMS + tuple(FLAT_DIMS):
+        g = dims.get_group(name)
+        groups[id(g)] = g
+    for g in groups.values():
+        try:
+            _set_pg_timeout(timeout, g)
+        except (ValueError, RuntimeError, AttributeError):
+            pass  # a backend without settable timeouts keeps its init timeout

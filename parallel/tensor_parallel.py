@@ -1,0 +1,138 @@
+"""Tensor parallelism (Megatron-style, with sequence parallelism) through DTensor plans.
+
+Owns: the ``parallelize_module`` plans for a ``Block``, the embedding, the LM head, the looped
+model's re-injection projection and its per-loop LoRA, i.e. ``apply_tensor_parallel(model, dims)``.
+
+Layout over the ``tp`` mesh dimension, per block (torchtitan's plan):
+
+- the residual stream between blocks is sharded along the sequence (``Shard(1)``), so
+  activations, norms and residual adds are not replicated over tp;
+- ``attention_norm`` / ``ffn_norm`` run on that sequence shard (``SequenceParallel``);
+- entering attention / MLP, the normed input is all-gathered along the sequence
+  (``PrepareModuleInput``); ``wq, wk, wv, w1, w3`` are column-parallel (each rank computes its
+  heads / its slice of the hidden width), ``wo, w2`` are row-parallel and reduce-scatter their
+  partial sums straight back into the sequence shard.
+
+Heads therefore split across tp before Ulysses splits them further across sp: each rank attends
+over n_heads / (tp * sp) heads. The embedding is row-parallel over the vocabulary (its partial
+sums are reduce-scattered into the sequence shard); the output head is column-parallel over the
+vocabulary with the logits all-gathered, so the cross-entropy is the plain, exact one (every tp
+rank computes the same loss sum; the trainer reduces losses over dp and sp only).
+
+Looped model: the shared core blocks get the same block plan (they are ordinary ``Block``s called
+R times). Its per-loop LoRA (``x A_i^T B_i^T`` added to a linear's output by a forward hook) is
+sharded like the linear it modifies: for a column-parallel linear, B is split along its output
+rows and A replicated; for a row-parallel one, A is split along its input columns and B
+replicated -- the hook then sees DTensors and adds a delta of the same layout as the linear's own
+output. The ``concat`` re-injection projection acts token-wise on the sequence shard with its
+weight replicated (``SequenceParallel``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from longtrain.models.llama import Block
+
+# which side of a linear tensor parallel splits (its LoRA is split on the same side)
+_COLWISE = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
+_ROWWISE = ("attention.wo", "feed_forward.w2")
+
+
+def block_plan() -> dict:
+    """The plan for one ``Block``; inputs (x, cos, sin, doc_ids) -- only x is distributed."""
+    return {
+        "attention_norm": SequenceParallel(),
+        "attention": PrepareModuleInput(
+            input_layouts=(Shard(1), None, None, None),
+            desired_input_layouts=(Replicate(), None, None, None),
+        ),
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "ffn_norm": SequenceParallel(),
+        "feed_forward": PrepareModuleInput(
+            input_layouts=(Shard(1),),
+            desired_input_layouts=(Replicate(),),
+        ),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        "feed_forward.w3": ColwiseParallel(),
+    }
+
+
+def _blocks(model: nn.Module) -> list[Block]:
+    return [m for m in model.modules() if isinstance(m, Block)]
+
+
+def _shard_lora(model: nn.Module, tp_mesh) -> None:
+    """Distribute each ``LoopLoRA`` consistently with the linear it is hooked on."""
+    core = getattr(model, "core", None)
+    lora = getattr(core, "lora", None)
+    if not lora:
+        return
+    for key, mod in lora.items():
+        # keys are f"{layer}_{target with '.' -> '_'}" (models/looped.py)
+        target = next((t for t in _COLWISE + _ROWWISE if key.endswith("_" + t.replace(".", "_"))), None)
+        if target is None:
+            raise NotImplementedError(f"tensor parallel: no sharding rule for LoRA {key!r}; add its "
+                                      f"linear to _COLWISE or _ROWWISE in parallel/tensor_parallel.py.")
+        # A: [loops, rank, in], B: [loops, out, rank]
+        a_place, b_place = ((Replicate(), Shard(1)) if target in _COLWISE else (Shard(2), Replicate()))
+        mod.A = nn.Parameter(distribute_tensor(mod.A.data, tp_mesh, [a_place]))
+        mod.B = nn.Parameter(distribute_tensor(mod.B.data, tp_mesh, [b_place]))
+
+
+def apply_tensor_parallel(model: nn.Module, dims) -> nn.Module:
+    """Shard ``model`` (``Llama`` or ``Looped``) over the ``tp`` mesh dimension, in place."""
+    if dims.tp == 1:
+        return model
+    tp_mesh = dims.get_mesh("tp")
+    cfg = model.cfg
+    if cfg.tie_embeddings:
+        raise NotImplementedError("model.tie_embeddings=true with parallel.tp>1 is not supported yet: "
+                                  "the embedding and the output head would be sharded as two different "
+                                  "parameters. Use tie_embeddings=false or tp=1.")
+    # the top level: embedding in, head out; the residual stream in between is Shard(1)
+    parallelize_module(model, tp_mesh, {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "head.norm": SequenceParallel(),
+        "head.output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+    })
+    if getattr(model, "inject", None) is not None:
+        # token-wise projection of [state, prelude output] on the sequence shard; replicated weight
+        parallelize_module(model.inject, tp_mesh, SequenceParallel(use_local_output=True))
+    for block in _blocks(model):
+        parallelize_module(block, tp_mesh, block_plan())
+    _shard_lora(model, tp_mesh)
+    return model
+
+
+def replicate_partial_grads(model: nn.Module) -> None:
+    """Without FSDP, turn Partial gradients of replicated DTensor parameters into Replicate ones.
+
+    A replicated weight used on a sequence shard (norms, the re-injection projection, one side of
+    a LoRA) gets a gradient pending a sum over tp (``Partial``). FSDP resolves that itself when it
+    reduces gradients; with tensor parallel alone this hook does it once the gradient is ready, so
+    optimizers and the norm see the true gradient.
+    """
+    from torch.distributed.tensor import DTensor, Partial
+
+    def hook(p):
+        g = p.grad
+        if isinstance(g, DTensor) and any(isinstance(pl, Partial) for pl in g.placements):
+            p.grad = g.redistribute(g.device_mesh, p.placements)
+
+    for p in model.parameters():
+        if isinstance(p, DTensor) and p.requires_grad:
+            p.register_post_accumulate_grad_hook(hook)
