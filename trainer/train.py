@@ -47,6 +47,10 @@ def setup(cfg: Config):
     from longtrain.parallel.mesh import init_distributed
     from longtrain.parallel.parallelize import parallelize
 
+    if cfg.checkpoint.init_from_hf:  # the HF config.json fixes the shapes and rotary settings
+        from longtrain.trainer.hf import resolve_hf_config
+
+        cfg = resolve_hf_config(cfg)
     dims = init_distributed(cfg)
     if cfg.memory.policy == "auto":
         from longtrain.memory.planner import resolve_policy
@@ -68,7 +72,7 @@ def train(cfg: Config) -> dict:
     from longtrain.models import sample_loops
     from longtrain.parallel.reduce import clip_grad_norm_
     from longtrain.trainer.checkpoint import Checkpointer
-    from longtrain.trainer.guard import StepGuard
+    from longtrain.trainer.guard import RollbackRequested, StepGuard
     from longtrain.trainer.run import start_run
 
     cfg, dims, model, optimizer, scheduler, loader, eval_loader = setup(cfg)
@@ -95,7 +99,13 @@ def train(cfg: Config) -> dict:
         n_loops = sample_loops(cfg.model, state.step, sched.seed, training=True) if looped else None
         loss, n_tok = forward_backward(model, batches, dims, cfg, n_loops)
         grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, dims)
-        if guard.accept(state, float(loss), float(grad_norm)):
+        try:
+            accepted = guard.accept(state, float(loss), float(grad_norm))
+        except RollbackRequested as e:  # optim.on_nonfinite=rollback: reload the last checkpoint
+            optimizer.zero_grad(set_to_none=True)
+            ckpt.rollback(str(e))
+            continue
+        if accepted:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
