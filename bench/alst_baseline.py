@@ -1,0 +1,505 @@
+"""The same measurement as bench_train.py, for DeepSpeed's Arctic Long Sequence Training (ALST).
+
+    torchrun --nproc_per_node=2 bench/alst_baseline.py --config llama3-8b --seq-len 131072 \
+        --steps 5 --warmup 2 --out alst.json
+
+A randomly initialised Hugging Face ``LlamaForCausalLM`` of the shape in our config (no download:
+``LlamaConfig`` is built from ``model.*``; ``attn_implementation="sdpa"``), bf16, trained with the
+ALST recipe as DeepSpeed 0.19 ships it (deepspeed/runtime/sequence_parallel/ulysses_sp.py, the
+DeepSpeed ALST tutorial and ArcticTraining's projects/sequence-parallelism configs):
+
+- Ulysses sequence parallelism for HF models: ``UlyssesSPAttentionHF.register_with_transformers``
+  (sp = ``--sp``, default the world size); each rank takes its slice of the sequence with
+  pre-shifted labels, exactly as ``UlyssesSPDataLoaderAdapter`` would hand it (done by hand here:
+  every rank draws the same synthetic sequence, so no gather is needed);
+- ``TiledMLP`` patched into ``LlamaMLP.forward`` (shards = ceil(local seq / hidden), as the tutorial);
+- tiled logits + loss: ``TiledFusedLogitsLoss`` over ~1 GiB fp32-logit shards (ArcticTraining's
+  non-Liger path; Liger is not installed on the device);
+- ZeRO-3 with ``offload_optimizer: cpu`` (``DeepSpeedCPUAdam``, AdamW mode); on a single GPU also
+  ``offload_param: cpu``, as ArcticTraining's single-GPU 8B recipe (``--offload-param``);
+- activation checkpointing (HF, non-reentrant) with the checkpointed hidden states offloaded to
+  pinned CPU memory: DeepSpeed's ``get_checkpoint_hidden_states_offloading_ctx_manager``
+  (``--act-offload ds``), or ``torch.autograd.graph.save_on_cpu`` (``--act-offload save_on_cpu``);
+- ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``.
+
+DeepSpeedCPUAdam is JIT-compiled (ninja + the host compiler) the first time on a machine: that
+build runs before anything is timed and is reported as ``cpu_adam_build_s``.
+
+Writes the JSON schema of bench/common.py (``system: "alst"``), rewritten after every phase;
+OOM -> ``status: "OOM"`` and exit code 3. ``--device cpu --tiny`` runs the path on a CPU (gloo,
+fp32 and bf16 CPU kernels, no offload streams) to check the plumbing, not the speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+_BENCH = Path(__file__).resolve().parent
+if str(_BENCH) not in sys.path:
+    sys.path.insert(0, str(_BENCH))
+
+import common  # noqa: E402
+from bench_train import TINY_MODEL, parse_seq_len  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="llama3.2-1b", help="shipped longtrain config whose model.* shape to build")
+    p.add_argument("--seq-len", type=parse_seq_len, default=None, help="tokens per sequence (global)")
+    p.add_argument("--sp", type=int, default=0, help="Ulysses size; 0 = the world size")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", default=None)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--tiny", action="store_true", help="tiny shape and sequence (CPU plumbing check)")
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--trace-dir", default=None)
+    p.add_argument("--offload-param", choices=["auto", "on", "off"], default="auto",
+                   help="ZeRO-3 offload_param to CPU; auto = on for a single GPU (ArcticTraining's sp1 recipe)")
+    p.add_argument("--act-offload", choices=["auto", "ds", "save_on_cpu", "none"], default="auto",
+                   help="checkpointed hidden states to CPU; auto = ds on GPU, none on CPU")
+    p.add_argument("--no-checkpointing", action="store_true", help="turn off activation checkpointing")
+    p.add_argument("--no-tiled-mlp", action="store_true")
+    p.add_argument("--no-tiled-loss", action="store_true", help="plain lm_head + cross-entropy on the full logits")
+    p.add_argument("--loss-shard-gib", type=float, default=1.0, help="fp32 logits per loss shard (ArcticTraining: 1)")
+    p.add_argument("--sdpa-backend", choices=["default", "cudnn", "flash", "efficient"], default="default",
+                   help="pin PyTorch SDPA's kernel (default: PyTorch's own choice, as ALST runs)")
+    p.add_argument("--no-pin-memory", action="store_true", help="ZeRO offload buffers in pageable memory")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the longtrain config (model.* matter)")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces of the recipe
+# --------------------------------------------------------------------------------------------
+
+
+def _ensure_launcher_env() -> None:
+    """A bare ``python alst_baseline.py`` is a world of one; DeepSpeed would otherwise try MPI discovery."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def load_model_config(args):
+    from longtrain.config import load_config
+
+    ov = list(TINY_MODEL) if args.tiny else []
+    ov += list(args.overrides)
+    ov = [o for o in ov if o.startswith("model.")]  # only the shape matters here
+    cfg = load_config(args.config, ov + [f"model.max_seq_len={2**31 - 1}"])
+    seq = args.seq_len if args.seq_len is not None else (256 if args.tiny else cfg.data.seq_len)
+    return cfg.model, seq
+
+
+def hf_llama_config(m, seq_len: int):
+    """A transformers ``LlamaConfig`` of the same shape as our ``ModelConfig``."""
+    import inspect
+
+    from transformers import LlamaConfig
+
+    n_layers = m.n_layers if m.arch == "llama" else m.n_unrolled_layers
+    kw = dict(vocab_size=m.vocab_size, hidden_size=m.dim, intermediate_size=m.ffn_dim,
+              num_hidden_layers=n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
+              head_dim=m.head_dim, rms_norm_eps=m.norm_eps, max_position_embeddings=max(seq_len, 8192),
+              tie_word_embeddings=m.tie_embeddings, attention_bias=False, mlp_bias=False,
+              hidden_act="silu", use_cache=False, initializer_range=m.init_std)
+    params = inspect.signature(LlamaConfig.__init__).parameters
+    if "rope_parameters" in params:  # transformers >= 5
+        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": m.rope_theta}
+    else:
+        kw["rope_theta"] = m.rope_theta
+    kw = {k: v for k, v in kw.items() if k in params or "kwargs" in params}
+    cfg = LlamaConfig(**kw)
+    cfg._attn_implementation = "sdpa"
+    return cfg, n_layers
+
+
+def patch_tiled_mlp() -> None:
+    """``LlamaMLP.forward`` -> DeepSpeed ``TiledMLP`` (the tutorial's patch). Shards =
+    ceil(local seq / hidden). The tutorial all-reduces the max shard count over ranks on every
+    call; here every rank holds the same local length by construction, so that is skipped."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+    from transformers.models.llama import modeling_llama
+
+    def mlp_forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    def tiled_mlp_forward(self, x):
+        seqlen, hidden = x.shape[-2], x.shape[-1]
+        shards = max(1, math.ceil(seqlen / hidden))
+        params = [self.down_proj.weight, self.gate_proj.weight, self.up_proj.weight]
+        return TiledMLP.apply(mlp_forward, self, x, shards, params)
+
+    modeling_llama.LlamaMLP.forward = tiled_mlp_forward
+
+
+def ds_config(args, sp: int, offload_param: bool, on_gpu: bool) -> dict:
+    pin = on_gpu and not args.no_pin_memory
+    zero = {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": pin}}
+    if offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "bf16": {"enabled": True},
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                   "weight_decay": 0.1}},
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if sp > 1:
+        cfg["sequence_parallel_size"] = sp
+        cfg["seq_parallel_communication_data_type"] = "bf16"
+    return cfg
+
+
+def build_cpu_adam() -> float:
+    """JIT-build (or load the cached build of) DeepSpeedCPUAdam; seconds taken."""
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    t0 = time.perf_counter()
+    CPUAdamBuilder().load(verbose=False)
+    return time.perf_counter() - t0
+
+
+def synthetic_batch(seq_len: int, vocab: int, step: int, dp_rank: int, sp_rank: int, sp: int, device):
+    """This rank's slice of one sequence: input_ids, position_ids and pre-shifted labels
+    (``UlyssesSPDataLoaderAdapter``'s output). Every rank of an sp group draws the same tokens."""
+    import torch
+
+    g = torch.Generator().manual_seed(1_000_003 * step + dp_rank)
+    ids = torch.randint(0, vocab, (1, seq_len), generator=g)
+    pos = torch.arange(seq_len).unsqueeze(0)
+    shift = torch.nn.functional.pad(ids, (0, 1), value=-100)[:, 1:]
+    chunk = seq_len // sp
+    sl = slice(chunk * sp_rank, chunk * (sp_rank + 1))
+    return {k: v[:, sl].contiguous().to(device) for k, v in
+            (("input_ids", ids), ("position_ids", pos), ("shift_labels", shift))}
+
+
+def _sdpa_ctx(name: str):
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([{"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                         "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]])
+
+
+def make_step(args, engine, seq_len: int, vocab: int, sp: int, sp_group, sp_rank: int, dp_rank: int,
+              device, act_offload: str, info: dict):
+    import torch
+    import torch.nn.functional as F
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
+
+    model = engine.module  # LlamaForCausalLM
+    ds_ctx = None
+    if act_offload == "ds":
+        from deepspeed.runtime.activation_checkpointing.offload_activations import (
+            get_checkpoint_hidden_states_offloading_ctx_manager,
+        )
+
+        ds_ctx = get_checkpoint_hidden_states_offloading_ctx_manager()
+        info["act_offload_ctx"] = ds_ctx
+    local = seq_len // sp
+    loss_shards = max(1, math.ceil(local * vocab * 4 / (args.loss_shard_gib * 2**30)))
+    info["loss_shards"] = loss_shards
+    state = {"step": 0}
+
+    def loss_fn(mod, x, y):
+        logits = mod.lm_head(x)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+
+    def act_ctx():
+        if act_offload == "ds":
+            return ds_ctx
+        if act_offload == "save_on_cpu":
+            return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+        return contextlib.nullcontext()
+
+    def step():
+        batch = synthetic_batch(seq_len, vocab, state["step"], dp_rank, sp_rank, sp, device)
+        labels = batch["shift_labels"]
+        with _sdpa_ctx(args.sdpa_backend), act_ctx():
+            out = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+            hidden = out.last_hidden_state
+            if args.no_tiled_loss:
+                loss_sum = loss_fn(model, hidden, labels)
+            else:
+                loss_sum = TiledFusedLogitsLoss.apply(loss_fn, model, hidden, labels, None, loss_shards,
+                                                      [model.lm_head.weight], "sum")
+            good = (labels != -100).sum()
+            loss = loss_sum / good.clamp(min=1)
+            if sp > 1:
+                # differentiable token-weighted mean over the sp group (the tutorial's aggregation)
+                import torch.distributed.nn.functional as dfn
+
+                losses = dfn.all_gather(loss, group=sp_group)
+                goods = dfn.all_gather(good, group=sp_group)
+                loss = sum(losses[r] * goods[r] for r in range(sp)) / sum(goods).clamp(min=1)
+            engine.backward(loss)
+        engine.step()
+        state["step"] += 1
+        return loss.detach()
+
+    return step
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def run(args, writer: common.ResultWriter, rec: dict) -> dict:
+    _ensure_launcher_env()
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    import torch
+
+    on_gpu = args.device != "cpu" and torch.cuda.is_available()
+    if args.device == "cuda" and not on_gpu:
+        raise RuntimeError("--device cuda but torch sees no GPU")
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+
+    m, seq_len = load_model_config(args)
+    sp = args.sp or world
+    if world % sp:
+        raise ValueError(f"--sp {sp} does not divide the world size {world}")
+    if seq_len % sp:
+        raise ValueError(f"--seq-len {seq_len} is not divisible by sp={sp}")
+    dp = world // sp
+    offload_param = args.offload_param == "on" or (args.offload_param == "auto" and world == 1)
+    act_offload = args.act_offload if args.act_offload != "auto" else ("ds" if on_gpu else "none")
+    if args.no_checkpointing and act_offload == "ds":
+        act_offload = "none"  # the ds manager offloads checkpoint inputs only
+    rec.update(config=args.config + (" (tiny)" if args.tiny else ""), seq_len=seq_len, world_size=world,
+               sp=sp, dp=dp, batch_size=1, steps=args.steps, warmup=args.warmup,
+               alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+               recipe={"ulysses": sp > 1, "tiled_mlp": not args.no_tiled_mlp, "tiled_loss": not args.no_tiled_loss,
+                       "zero_stage": 3, "offload_optimizer": "cpu (DeepSpeedCPUAdam)",
+                       "offload_param": "cpu" if offload_param else "none",
+                       "activation_checkpointing": not args.no_checkpointing, "activation_offload": act_offload,
+                       "sdpa_backend": args.sdpa_backend, "attn_implementation": "sdpa",
+                       "pin_memory": on_gpu and not args.no_pin_memory})
+    if m.arch != "llama":
+        rec["shape_note"] = (f"model.arch={m.arch}: ALST has no weight-shared loops; built as a plain Llama "
+                             f"of the same unrolled depth ({m.n_unrolled_layers} layers)")
+
+    t0 = time.perf_counter()
+    import deepspeed
+    import deepspeed.comm as dscomm
+    import transformers
+
+    rec["versions"] = {"deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
+    dscomm.init_distributed(dist_backend="nccl" if on_gpu else "gloo", dist_init_required=True)
+    common.log(f"deepspeed {deepspeed.__version__}, transformers {transformers.__version__}; world={world} "
+               f"sp={sp} dp={dp} seq_len={seq_len} offload_param={offload_param} act_offload={act_offload}", rank)
+    writer.enabled = writer.enabled and rank == 0
+
+    common.log("building DeepSpeedCPUAdam (JIT; first time on a machine takes 1-2 min)", rank)
+    rec["cpu_adam_build_s"] = build_cpu_adam()
+    common.log(f"DeepSpeedCPUAdam ready in {rec['cpu_adam_build_s']:.1f} s", rank)
+    writer.write()
+
+    if not args.no_tiled_mlp:
+        patch_tiled_mlp()
+    from transformers import LlamaForCausalLM
+
+    hf_cfg, n_layers = hf_llama_config(m, seq_len)
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):  # random init on the GPU is fast; ZeRO-3 partitions it next
+            model = LlamaForCausalLM(hf_cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    if not args.no_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+
+    mpu = None
+    if sp > 1:
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+        mpu = UlyssesSPAttentionHF.register_with_transformers(
+            model_name_or_path=model, core_attn_implementation="sdpa", sequence_parallel_size=sp,
+            micro_batch_size=1, seq_length=seq_len, seq_length_is_variable=True)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=ds_config(args, sp, offload_param, on_gpu), mpu=mpu)
+    del model
+    if sp > 1:
+        from deepspeed.utils import groups
+
+        sp_group = groups._get_sequence_parallel_group()
+        sp_rank = groups._get_sequence_parallel_rank()
+    else:
+        sp_group, sp_rank = None, 0
+    dp_rank = rank // sp
+    setup_s = time.perf_counter() - t0
+    rec.update(status="setup_done", setup_s=setup_s, device=common.device_name(device), params=n_params,
+               hf_layers=n_layers)
+    writer.write()
+    common.log(f"setup {setup_s:.1f} s; {n_params / 1e9:.2f} B parameters; {_mem_line(device)}", rank)
+
+    from longtrain.trainer.metrics import device_peak_flops, flops_per_token
+
+    shape = m if m.arch == "llama" else _as_llama(m)
+    tokens_per_step = seq_len * dp
+    peak, peak_src = device_peak_flops(device)
+    fpt = flops_per_token(shape, seq_len, causal=False)
+    fpt_c = flops_per_token(shape, seq_len, causal=True)
+    rec.update(tokens_per_step=tokens_per_step, peak_flops=peak, peak_flops_source=peak_src,
+               flops_per_token=fpt, flops_per_token_causal=fpt_c)
+
+    info: dict = {}
+    step = make_step(args, engine, seq_len, m.vocab_size, sp, sp_group, sp_rank, dp_rank, device, act_offload, info)
+    rec["loss_shards"] = info.get("loss_shards")
+    common.reset_gpu_peak(device)
+    for i in range(args.warmup):
+        t = time.perf_counter()
+        loss = step()
+        common.sync(device)
+        common.log(f"warmup {i + 1}/{args.warmup}: {time.perf_counter() - t:.3f} s loss={float(loss):.4f} "
+                   f"{_mem_line(device)}", rank)
+    rec["status"] = "warmup_done"
+    writer.write()
+
+    times = []
+    for i in range(args.steps):
+        common.sync(device)
+        t = time.perf_counter()
+        loss = step()
+        common.sync(device)
+        dt = time.perf_counter() - t
+        times.append(dt)
+        med = common.median(times)
+        tps = tokens_per_step / med
+        rec.update(step_times_s=times, loss=float(loss), step_time_s_median=med, tokens_per_s=tps,
+                   tokens_per_s_per_gpu=tps / world, mfu=tps * fpt / (peak * world),
+                   mfu_causal=tps * fpt_c / (peak * world))
+        rec.update(common.gpu_memory(device), **common.host_memory())
+        writer.write()
+        common.log(f"step {i + 1}/{args.steps}: {dt:.3f} s  loss={float(loss):.4f}  {tps:.4g} tok/s  "
+                   f"{_mem_line(device)}", rank)
+
+    rec["status"] = "timed_done"
+    prof = None
+    if not args.no_profile:
+        common.log("profiling one step", rank)
+        prof = common.profile_step(step, device, trace_dir=args.trace_dir, keep_trace=bool(args.trace_dir))
+        rec["profile"] = prof
+    ctx = info.get("act_offload_ctx")
+    if ctx is not None and hasattr(ctx, "stats"):
+        import dataclasses
+
+        try:
+            rec["act_offload_stats"] = dataclasses.asdict(ctx.stats)  # counts since the last step began
+        except TypeError:
+            rec["act_offload_stats"] = repr(ctx.stats)
+
+    mem = common.gpu_memory(device)
+    host = common.host_memory()
+    peaks = common.gather_across_ranks(mem["peak_gpu_mem_gib"])
+    rss = common.gather_across_ranks(host["peak_host_rss_gib"])
+    rec.update(mem, **host)
+    if peaks and all(p is not None for p in peaks):
+        rec["peak_gpu_mem_gib_all_ranks"] = peaks
+        rec["peak_gpu_mem_gib"] = max(peaks)
+    rec["peak_host_rss_gib_all_ranks"] = rss
+    rec["peak_host_rss_gib"] = max(rss)
+    rec["peak_host_rss_gib_sum_ranks"] = sum(rss)
+    rec["status"] = "ok"
+    writer.write()
+    if rank == 0:
+        common.print_profile(prof or {})
+        common.print_table([rec])
+    return rec
+
+
+def _as_llama(m):
+    import dataclasses
+
+    return dataclasses.replace(m, arch="llama", n_layers=m.n_unrolled_layers, lora_rank=0, reinject="none")
+
+
+def _mem_line(device) -> str:
+    mm = common.gpu_memory(device)
+    h = common.host_memory()
+    gpu = f"peak GPU {mm['peak_gpu_mem_gib']:.2f} GiB " if mm["peak_gpu_mem_gib"] is not None else ""
+    return f"{gpu}RSS {h['host_rss_gib']:.2f} GiB"
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    rec = common.base_record("alst", [sys.executable, *sys.argv] if argv is None else list(argv))
+    writer = common.ResultWriter(args.out, rec, enabled=(rank == 0))
+    writer.write()
+    try:
+        run(args, writer, rec)
+    except BaseException as e:  # noqa: BLE001
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else ("OOM" if common.is_oom(e) else "error")
+        rec.update(status=status, error=common.short_error(e), failed_rank=rank,
+                   traceback=traceback.format_exc()[-4000:])
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                rec.update(common.gpu_memory(torch.device("cuda", torch.cuda.current_device())))
+        except Exception:  # noqa: BLE001
+            pass
+        rec.update(common.host_memory())
+        if args.out:
+            try:
+                common.write_json_atomic(Path(args.out), rec)
+            except Exception:  # noqa: BLE001
+                pass
+        print(f"[alst r{rank}] {status}: {common.short_error(e, 500)}", file=sys.stderr, flush=True)
+        if status == "error":
+            traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(3 if status == "OOM" else 1)
+    try:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""Throughput and memory of one longtrain training configuration.
+
+One command per configuration (one process per GPU, as in training)::
+
+    torchrun --nproc_per_node=2 bench/bench_train.py --config llama3-8b --seq-len 131072 --sp 2 \
+        --policy auto --steps 5 --warmup 2 --out result.json [section.key=value ...]
+
+builds the job through the normal path (``longtrain.config.load_config`` ->
+``longtrain.trainer.train.setup``) on synthetic tokens, runs ``--warmup`` untimed steps and
+``--steps`` timed ones (each a full step: data, forward, backward, clip, optimizer), then one more
+under ``torch.profiler``, and writes one JSON record (schema in ``bench/common.py``, shared with
+``alst_baseline.py``): tokens/s (global and per GPU), median step time, MFU by the non-causal and
+causal FLOP counts (``trainer/metrics.py``), peak GPU memory (max over ranks) and peak host RSS,
+and the share of the profiled step spent in attention kernels, NCCL kernels and device<->host
+copies. ``--planner`` adds the memory planner's estimate beside the measured peak.
+
+The record is rewritten after every phase, so a run stopped by its time limit still says how far
+it got. An out-of-memory error on any rank writes ``status: "OOM"`` and exits with code 3 (the
+launcher then stops the other ranks); other failures write ``status: "error"`` and exit 1.
+
+``--device cpu --tiny`` shrinks the model and sequence so the whole path runs on a CPU in seconds
+(the smoke test in tests/test_bench_smoke.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+# before torch touches CUDA: less fragmentation at long sequence lengths (ALST uses the same)
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))  # run as a script from anywhere: `import longtrain` finds the checkout
+_BENCH = Path(__file__).resolve().parent
+if str(_BENCH) not in sys.path:
+    sys.path.insert(0, str(_BENCH))
+
+import common  # noqa: E402  (bench/common.py)
+
+TINY_MODEL = ["model.vocab_size=264", "model.dim=128", "model.n_heads=4", "model.n_kv_heads=2",
+              "model.ffn_dim=352", "model.n_layers=2", "model.n_prelude=1", "model.n_core=1",
+              "model.n_coda=1", "model.loops=2", "model.loops_max=4"]
+
+
+def parse_seq_len(text: str) -> int:
+    """``131072``, ``128K``, ``1M`` (K = 1024, M = 1024**2)."""
+    t = str(text).strip().upper().replace("_", "")
+    mult = 1
+    if t.endswith("K"):
+        mult, t = 1024, t[:-1]
+    elif t.endswith("M"):
+        mult, t = 1024 * 1024, t[:-1]
+    try:
+        return int(float(t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seq-len {text!r} is not a length; give e.g. 131072, 128K or 1M") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="llama3.2-1b", help="shipped config name or YAML path")
+    p.add_argument("--seq-len", type=parse_seq_len, default=None, help="tokens per sequence (global, before sp)")
+    p.add_argument("--sp", type=int, default=None, help="Ulysses sequence-parallel size (parallel.sp)")
+    p.add_argument("--policy", choices=["auto", "manual"], default=None,
+                   help="memory.policy: auto = the planner picks recompute/offload/tiling; manual = "
+                        "the memory.* keys given as overrides")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per data-parallel rank (data.batch_size)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--out", default=None, help="JSON result path (rewritten after every phase)")
+    p.add_argument("--planner", action="store_true", help="print the memory planner's estimate next to the measured peak")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--tiny", action="store_true", help="tiny model and sequence (CPU smoke)")
+    p.add_argument("--no-profile", action="store_true", help="skip the profiled step")
+    p.add_argument("--trace-dir", default=None, help="keep the profiler's Chrome trace here")
+    p.add_argument("--doc-masking", action="store_true",
+                   help="packed documents with block-diagonal attention (default off: plain causal "
+                        "attention over the whole sequence, as the ALST baseline computes)")
+    p.add_argument("overrides", nargs="*", help="section.key=value config overrides (applied last)")
+    return p
+
+
+def build_overrides(args) -> list[str]:
+    ov = ["data.source=synthetic", "schedule.eval_every=0", f"data.doc_masking={str(args.doc_masking).lower()}",
+          "logging.progress=false", "logging.tensorboard=false", "checkpoint.save_final=false"]
+    if args.tiny:
+        ov += TINY_MODEL + ["data.seq_len=256", "data.batch_size=2"]
+    if args.seq_len is not None:
+        ov.append(f"data.seq_len={args.seq_len}")
+    if args.sp is not None:
+        ov.append(f"parallel.sp={args.sp}")
+    if args.policy is not None:
+        ov.append(f"memory.policy={args.policy}")
+    if args.batch_size is not None:
+        ov.append(f"data.batch_size={args.batch_size}")
+    if args.device != "auto":
+        ov.append(f"schedule.device={args.device}")
+    if args.device == "cpu":
+        ov += ["schedule.dtype=fp32", "parallel.backend=gloo"]
+    total = args.warmup + args.steps + (0 if args.no_profile else 1)
+    ov += [f"schedule.steps={max(total, 1)}", "schedule.warmup_steps=0"]
+    return ov + list(args.overrides)
+
+
+def load_bench_config(args):
+    """The config the run uses: file <- bench settings <- user overrides, with max_seq_len raised
+    to the benchmark's sequence length where the file's is shorter."""
+    from longtrain.config import load_config
+
+    ov = build_overrides(args)
+    probe = load_config(args.config, [o for o in ov if not o.startswith("data.seq_len=")])
+    seq = probe.data.seq_len
+    for o in ov:
+        if o.startswith("data.seq_len="):
+            seq = int(o.split("=", 1)[1])
+    if seq > probe.model.max_seq_len:
+        ov.insert(0, f"model.max_seq_len={seq}")
+    return load_config(args.config, ov)
+
+
+# --------------------------------------------------------------------------------------------
+# Planner (memory/planner.py is written in parallel with this file: probe, never require)
+# --------------------------------------------------------------------------------------------
+
+_ESTIMATE_NAMES = ("estimate_memory", "estimate", "plan_memory", "plan", "make_plan", "memory_plan")
+
+
+def planner_estimate(cfg, dims) -> dict:
+    """The planner's estimate for ``cfg`` on ``dims`` as a dict (``peak_gib`` where it says one)."""
+    try:
+        from longtrain.memory import planner
+    except Exception as e:  # noqa: BLE001
+        return {"available": False, "reason": f"longtrain.memory.planner: {common.short_error(e, 300)}"}
+    for name in _ESTIMATE_NAMES:
+        fn = getattr(planner, name, None)
+        if not callable(fn):
+            continue
+        for call in ((cfg, dims), (cfg,)):
+            try:
+                res = fn(*call)
+            except TypeError:
+                continue
+            except Exception as e:  # noqa: BLE001
+                return {"available": False, "reason": f"planner.{name}: {common.short_error(e, 300)}"}
+            return {"available": True, "function": name, **_plan_to_dict(res)}
+    return {"available": False, "reason": f"planner has none of {list(_ESTIMATE_NAMES)}"}
+
+
+def _plan_to_dict(res) -> dict:
+    if dataclasses.is_dataclass(res):
+        d = dataclasses.asdict(res)
+    elif isinstance(res, dict):
+        d = dict(res)
+    elif isinstance(res, (int, float)):
+        d = {"peak_bytes": float(res)} if res > 1e6 else {"peak_gib": float(res)}
+    else:
+        d = {k: getattr(res, k) for k in dir(res) if not k.startswith("_") and not callable(getattr(res, k))}
+    peak = None
+    for key in ("peak_gib", "gpu_peak_gib", "total_gib", "gpu_gib", "peak_gpu_gib"):
+        if isinstance(d.get(key), (int, float)):
+            peak = float(d[key])
+            break
+    if peak is None:
+        for key in ("peak_bytes", "gpu_peak_bytes", "total_bytes", "gpu_bytes"):
+            if isinstance(d.get(key), (int, float)):
+                peak = float(d[key]) / 2**30
+                break
+    out = {"peak_gib": peak}
+    out["detail"] = {k: (v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else repr(v))
+                     for k, v in d.items()}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The step (the same sequence of calls as the loop in trainer/train.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _clip(model, cfg, dims):
+    try:
+        from longtrain.parallel.reduce import clip_grad_norm_
+    except ImportError:  # parallel/ not landed: a single process clips locally
+        import torch
+
+        if dims.world_size > 1:
+            raise
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+    return clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, dims)
+
+
+def make_step(cfg, dims, model, optimizer, scheduler, loader, timings: dict):
+    from longtrain.models import sample_loops
+    from longtrain.trainer.step import forward_backward
+
+    looped = cfg.model.arch == "looped"
+    state = {"step": 0}
+
+    def step():
+        t0 = time.perf_counter()
+        batches = [next(loader) for _ in range(cfg.schedule.grad_accum)]
+        t1 = time.perf_counter()
+        n_loops = sample_loops(cfg.model, state["step"], cfg.schedule.seed, training=True) if looped else None
+        loss, n_tok = forward_backward(model, batches, dims, cfg, n_loops)
+        _clip(model, cfg, dims)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state["step"] += 1
+        timings["data_s"] = t1 - t0
+        timings["loss"] = loss
+        timings["n_loops"] = n_loops
+        return loss
+
+    return step
+
+
+def run(args, writer: common.ResultWriter, rec: dict) -> dict:
+    import torch
+
+    from longtrain.trainer.metrics import device_peak_flops, flops_per_token
+    from longtrain.trainer.train import setup
+
+    cfg = load_bench_config(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    rec.update(config=args.config + (" (tiny)" if args.tiny else ""), seq_len=cfg.data.seq_len,
+               world_size=world, sp=cfg.parallel.sp, batch_size=cfg.data.batch_size, steps=args.steps,
+               warmup=args.warmup, alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+               overrides=build_overrides(args))
+    common.log(f"config {args.config}: seq_len={cfg.data.seq_len} sp={cfg.parallel.sp} "
+               f"policy={cfg.memory.policy} world={world}; setting up", rank)
+    t0 = time.perf_counter()
+    cfg, dims, model, optimizer, scheduler, loader, _ = setup(cfg)
+    setup_s = time.perf_counter() - t0
+    rank = dims.rank
+    writer.enabled = writer.enabled and dims.is_main
+    n_params = sum(p.numel() for p in model.parameters())  # local (sharded) count under FSDP
+    rec.update(status="setup_done", setup_s=setup_s, device=common.device_name(dims.device),
+               world_size=dims.world_size, sp=dims.sp_size, dp=dims.dp_size,
+               resolved_memory=dataclasses.asdict(cfg.memory), parallel=dims.describe(),
+               local_params=n_params)
+    writer.write()
+    common.log(f"setup {setup_s:.1f} s; {dims.describe()}; memory policy: {dataclasses.asdict(cfg.memory)}", rank)
+
+    plan = planner_estimate(cfg, dims) if args.planner else None
+    if plan is not None:
+        rec["planner"] = plan
+        common.log(f"planner: {plan}", rank)
+
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * dims.dp_size * cfg.schedule.grad_accum
+    peak, peak_src = device_peak_flops(dims.device)
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len, causal=False)
+    fpt_c = flops_per_token(cfg.model, cfg.data.seq_len, causal=True)
+    rec.update(tokens_per_step=tokens_per_step, peak_flops=peak, peak_flops_source=peak_src,
+               flops_per_token=fpt, flops_per_token_causal=fpt_c)
+
+    timings: dict = {}
+    step = make_step(cfg, dims, model, optimizer, scheduler, loader, timings)
+    common.reset_gpu_peak(dims.device)
+
+    for i in range(args.warmup):
+        t = time.perf_counter()
+        loss = step()
+        common.sync(dims.device)
+        common.log(f"warmup {i + 1}/{args.warmup}: {time.perf_counter() - t:.3f} s loss={float(loss):.4f} "
+                   f"{_mem_line(dims.device)}", rank)
+    rec["status"] = "warmup_done"
+    writer.write()
+
+    times, data_times = [], []
+    for i in range(args.steps):
+        common.sync(dims.device)
+        t = time.perf_counter()
+        loss = step()
+        common.sync(dims.device)
+        dt = time.perf_counter() - t
+        times.append(dt)
+        data_times.append(timings.get("data_s", 0.0))
+        rec.update(step_times_s=times, data_times_s=data_times, loss=float(loss))
+        _fill_rates(rec, times, tokens_per_step, fpt, fpt_c, peak, dims.world_size)
+        rec.update(common.gpu_memory(dims.device), **common.host_memory())
+        writer.write()
+        common.log(f"step {i + 1}/{args.steps}: {dt:.3f} s  loss={float(loss):.4f}  "
+                   f"{rec['tokens_per_s']:.4g} tok/s  {_mem_line(dims.device)}", rank)
+
+    rec["status"] = "timed_done"
+    prof = None
+    if not args.no_profile:
+        common.log("profiling one step", rank)
+        prof = common.profile_step(step, dims.device, trace_dir=args.trace_dir, keep_trace=bool(args.trace_dir))
+        rec["profile"] = prof
+
+    mem = common.gpu_memory(dims.device)
+    host = common.host_memory()
+    peaks = common.gather_across_ranks(mem["peak_gpu_mem_gib"])
+    rss = common.gather_across_ranks(host["peak_host_rss_gib"])
+    rec.update(mem, **host)
+    if peaks and all(p is not None for p in peaks):
+        rec["peak_gpu_mem_gib_all_ranks"] = peaks
+        rec["peak_gpu_mem_gib"] = max(peaks)
+    rec["peak_host_rss_gib_all_ranks"] = rss
+    rec["peak_host_rss_gib"] = max(rss)
+    rec["peak_host_rss_gib_sum_ranks"] = sum(rss)
+    if plan is not None and plan.get("peak_gib") is not None and rec.get("peak_gpu_mem_gib") is not None:
+        plan["measured_peak_gib"] = rec["peak_gpu_mem_gib"]
+        plan["estimate_over_measured"] = plan["peak_gib"] / max(rec["peak_gpu_mem_gib"], 1e-9)
+    rec["status"] = "ok"
+    writer.write()
+    if dims.is_main:
+        common.print_profile(prof or {})
+        if plan is not None:
+            print(f"[bench] planner estimate {plan.get('peak_gib')} GiB vs measured peak "
+                  f"{rec.get('peak_gpu_mem_gib')} GiB ({plan.get('function') or plan.get('reason')})", flush=True)
+        common.print_table([rec])
+    return rec
+
+
+def _fill_rates(rec, times, tokens_per_step, fpt, fpt_c, peak, world) -> None:
+    med = common.median(times)
+    tps = tokens_per_step / med
+    rec.update(step_time_s_median=med, tokens_per_s=tps, tokens_per_s_per_gpu=tps / world,
+               mfu=tps * fpt / (peak * world), mfu_causal=tps * fpt_c / (peak * world))
+
+
+def _mem_line(device) -> str:
+    m = common.gpu_memory(device)
+    h = common.host_memory()
+    gpu = f"peak GPU {m['peak_gpu_mem_gib']:.2f} GiB " if m["peak_gpu_mem_gib"] is not None else ""
+    return f"{gpu}RSS {h['host_rss_gib']:.2f} GiB"
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    rec = common.base_record("longtrain", [sys.executable, *sys.argv] if argv is None else list(argv))
+    writer = common.ResultWriter(args.out, rec, enabled=(rank == 0))
+    writer.write()
+    try:
+        run(args, writer, rec)
+    except BaseException as e:  # noqa: BLE001 - every failure becomes a record
+        if isinstance(e, KeyboardInterrupt):
+            status = "interrupted"
+        else:
+            status = "OOM" if common.is_oom(e) else "error"
+        rec.update(status=status, error=common.short_error(e), failed_rank=rank,
+                   traceback=traceback.format_exc()[-4000:])
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                rec.update(common.gpu_memory(torch.device("cuda", torch.cuda.current_device())))
+        except Exception:  # noqa: BLE001
+            pass
+        rec.update(common.host_memory())
+        # any failing rank writes: the launcher stops the others, and rank 0 may be one of them
+        if args.out:
+            try:
+                common.write_json_atomic(Path(args.out), rec)
+            except Exception:  # noqa: BLE001
+                pass
+        print(f"[bench r{rank}] {status}: {common.short_error(e, 500)}", file=sys.stderr, flush=True)
+        if status == "error":
+            traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # skip interpreter teardown: a collective peer may be gone, and destroying NCCL can hang
+        os._exit(3 if status == "OOM" else 1)
+    _shutdown()
+    return 0
+
+
+def _shutdown() -> None:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
