@@ -114,7 +114,8 @@ class Loader:
         base = self.consumed + self.dp_rank * self.batch_size
         rows = [self.sample(base + b) for b in range(self.batch_size)]
         self.consumed += self.dp_size * self.batch_size
-        batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
+        batch = {k: torch.from_numpy(rows[0][k][None] if len(rows) == 1 else np.stack([r[k] for r in rows]))
+                 for k in rows[0]}
         if "doc_ids" in batch:
             batch["doc_ids"] = batch["doc_ids"].to(torch.int32)
         return batch

@@ -111,19 +111,55 @@ class ParallelConfig:
 
 @dataclass
 class MemoryConfig:
-    """Activation and optimizer memory policy (see ``longtrain.memory``)."""
+    """Activation and optimizer memory policy (see ``longtrain.memory``).
+
+    ``recompute`` is the default mode of every transformer block; ``recompute_layers`` overrides
+    it per group with entries ``"SELECTOR:MODE"``, where SELECTOR is a block index (``"3"``), an
+    inclusive range (``"0-7"``) or a module path prefix (``"prelude"``, ``"core"``, ``"coda"``,
+    ``"layers"``) and MODE one of none/full/selective. Block indices are the keys of
+    ``model.layers`` for Llama and prelude, core, coda in order for the looped model.
+    """
 
     policy: Literal["manual", "auto"] = "manual"
     recompute: Literal["none", "full", "selective"] = "none"
+    recompute_layers: list = field(default_factory=list)  # ["0-7:full", "core:selective", ...]
+    selective_save: Literal["attention", "attention+half_mm", "attention+mm"] = "attention"
     recompute_loops: bool = False  # looped models: store only each iteration's input
     offload: bool = False  # offload what recompute keeps (layer inputs) to pinned CPU memory
     offload_fraction: float = 1.0  # token-wise split: fraction of each saved tensor sent to CPU
-    host_budget_gb: float = 64.0
+    offload_prefetch: int = 1  # saved tensors brought back ahead of need during backward
+    host_budget_gb: float = 64.0  # pinned host memory per rank (offload pool + optimizer offload)
     tiled_mlp: int = 0  # number of sequence chunks for the MLP; 0 = off
     tiled_loss: int = 0  # tokens per chunk for head + cross-entropy; 0 = off
     optimizer_offload: bool = False
+    optimizer_offload_impl: Literal["auto", "deepspeed", "torch"] = "auto"
     fsdp_cpu_offload: bool = False
     gpu_budget_gb: float = 0.0  # planner budget; 0 = the device's memory
+
+
+RECOMPUTE_MODES = ("none", "full", "selective")
+
+
+def check_recompute_layers(entries: list) -> list[tuple[str, str]]:
+    """Parse ``memory.recompute_layers`` into (selector, mode) pairs or raise ConfigError."""
+    out = []
+    for e in entries:
+        if not isinstance(e, str) or e.count(":") != 1:
+            raise ConfigError(f"memory.recompute_layers entry {e!r} must look like 'SELECTOR:MODE', "
+                              f"e.g. '0-7:full', '12:selective' or 'core:none'.")
+        sel, mode = (x.strip() for x in e.split(":"))
+        if mode not in RECOMPUTE_MODES:
+            raise ConfigError(f"memory.recompute_layers entry {e!r}: mode {mode!r} is not one of "
+                              f"{list(RECOMPUTE_MODES)}.")
+        if not sel:
+            raise ConfigError(f"memory.recompute_layers entry {e!r} has an empty selector.")
+        if sel[0].isdigit():
+            parts = sel.split("-")
+            if len(parts) > 2 or not all(p.isdigit() for p in parts) or int(parts[0]) > int(parts[-1]):
+                raise ConfigError(f"memory.recompute_layers entry {e!r}: selector {sel!r} must be a "
+                                  f"block index or an increasing range like '0-7'.")
+        out.append((sel, mode))
+    return out
 
 
 @dataclass
@@ -282,7 +318,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "model.n_prelude", "model.n_coda", "model.backprop_loops", "model.lora_rank",
     "optim.weight_decay", "optim.grad_clip", "schedule.steps", "schedule.warmup_steps",
-    "schedule.eval_every", "memory.tiled_mlp", "memory.tiled_loss", "checkpoint.every_steps",
+    "schedule.eval_every", "memory.tiled_mlp", "memory.tiled_loss", "memory.offload_prefetch", "checkpoint.every_steps",
     "checkpoint.keep_every", "launch.max_restarts", "launch.master_port", "launch.ray.num_cpus",
     "launch.ray.cpus_per_worker", "launch.ray.gpus_per_worker", "launch.slurm.gpus_per_node",
     "launch.slurm.signal_seconds", "optim.spike_factor", "memory.gpu_budget_gb",
@@ -317,6 +353,11 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"model.backprop_loops={m.backprop_loops} exceeds model.loops_max={m.loops_max}.")
     if not 0.0 <= cfg.memory.offload_fraction <= 1.0:
         raise ConfigError(f"memory.offload_fraction={cfg.memory.offload_fraction} must be in [0, 1].")
+    check_recompute_layers(cfg.memory.recompute_layers)
+    if cfg.memory.optimizer_offload and cfg.memory.fsdp_cpu_offload:
+        raise ConfigError("memory.optimizer_offload=true and memory.fsdp_cpu_offload=true both move the "
+                          "optimizer to the CPU; set only one (fsdp_cpu_offload also offloads parameters "
+                          "and gradients).")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1).")
     for key in ("pack_window", "synthetic_docs", "synthetic_doc_len", "stdlib_mb"):
