@@ -20,11 +20,16 @@ from typing import Optional
 
 import numpy as np
 
+from longtrain.config import ConfigError
+
 log = logging.getLogger("longtrain.data")
 
 
-class DataError(ValueError):
-    """A user-facing problem with the training data; the message says what to change."""
+class DataError(ConfigError):
+    """A user-facing problem with the training data; the message says what to change.
+
+    A ``ConfigError`` (hence a ``ValueError``), so the main CLI and the trainer report it as the
+    user-facing message it is, not as a traceback."""
 
 
 class BadDocuments:
