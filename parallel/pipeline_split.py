@@ -285,9 +285,9 @@ class _StageForward:
             if m.arch == "looped" and m.n_prelude == 0:
                 e = h
         else:
-            h = inputs[0]
+            h = _contiguous_grad(inputs[0])
             if spec.takes_e:
-                e = inputs[1]
+                e = _contiguous_grad(inputs[1])
             if position_ids is None:
                 raise ValueError(f"pipeline stage {spec.index} needs position_ids (a keyword side input).")
         cos, sin = self.rotary(position_ids)
@@ -308,6 +308,23 @@ class _StageForward:
             # a view, not the input itself: a stage that only forwards e still has a graph edge
             return h, e.view_as(e)
         return h
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: it is sent to the previous stage
+    into a buffer shaped from metadata (a slice of a ``cat``'s gradient would not fit)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _contiguous_grad(x: torch.Tensor) -> torch.Tensor:
+    return _ContiguousGrad.apply(x) if x.requires_grad else x
 
 
 _STAGE_CLASSES: dict = {}

@@ -44,6 +44,10 @@ def count_tokens(batches: list[dict], dims) -> torch.Tensor:
 def forward_backward(model, batches: list[dict], dims, cfg, n_loops: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulate gradients of (global mean loss) over the micro-batches; returns (loss, tokens)."""
     n_global = count_tokens(batches, dims)
+    if dims.pp > 1:  # the pipeline schedule runs every micro-batch's forward and backward
+        with _autocast(cfg, dims.device):
+            loss_sum = model.step(batches, n_global)  # parallel.pipeline.PipelineModel; loops fixed
+        return dims.all_reduce_sum(loss_sum, over="loss") / n_global.clamp(min=1), n_global
     extra = {"n_loops": n_loops} if n_loops is not None else {}
     loss_sum = torch.zeros((), dtype=torch.float64, device=dims.device)
     for batch in batches:
@@ -65,7 +69,10 @@ def evaluate(model, loader, dims, cfg, n_batches: int) -> float:
     for _ in range(n_batches):
         batch = next(loader)
         with _autocast(cfg, dims.device):
-            total += model(**model_kwargs(batch, dims.device), labels=batch["labels"].to(dims.device)).double()
+            if dims.pp > 1:
+                total += model.loss_sum(batch)
+            else:
+                total += model(**model_kwargs(batch, dims.device), labels=batch["labels"].to(dims.device)).double()
         count += float((batch["labels"] != IGNORE_INDEX).sum())
     model.train(was_training)
     total = dims.all_reduce_sum(total, over="loss")

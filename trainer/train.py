@@ -46,6 +46,7 @@ def setup(cfg: Config):
     from longtrain.models import build_model
     from longtrain.parallel.mesh import init_distributed
     from longtrain.parallel.parallelize import parallelize
+    from longtrain.parallel.pipeline import build_pipeline
 
     if cfg.checkpoint.init_from_hf:  # the HF config.json fixes the shapes and rotary settings
         from longtrain.trainer.hf import resolve_hf_config
@@ -58,7 +59,7 @@ def setup(cfg: Config):
         cfg = resolve_policy(cfg, dims)
     torch.manual_seed(cfg.schedule.seed)  # same initial weights on every rank
     model = build_model(cfg.model).to(dims.device)
-    model = parallelize(model, dims, cfg)
+    model = build_pipeline(model, dims, cfg) if dims.pp > 1 else parallelize(model, dims, cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_lr_scheduler(optimizer, cfg.schedule)
     loader_kw = dict(vocab_size=cfg.model.vocab_size, dp_rank=dims.dp_rank, dp_size=dims.dp_size,

@@ -1,0 +1,273 @@
+"""Pipeline parallelism: this rank's stages, the schedule that runs them, shared-weight gradients.
+
+Owns: ``build_pipeline(model, dims, cfg)`` -> ``PipelineModel`` (what the trainer holds as
+``model`` when ``parallel.pp > 1``), the schedule choice, the micro-batch count, and the
+gradient sum of weights that several stages hold (the looped core, tied embeddings).
+
+Order (torchtitan's): split the plain model into stage models (``pipeline_split``), then apply
+``parallelize`` (TP -> Ulysses -> memory policy -> compile -> FSDP2) to *each stage model*, then
+wrap each in ``torch.distributed.pipelining.PipelineStage`` over the mesh's ``pp`` group. The mesh
+keeps ``pp`` outermost (``parallel.mesh``): a pipeline hop is one point-to-point send per
+micro-batch, the cheapest traffic, so it may cross nodes while tp / sp / FSDP stay inside.
+
+Schedules (``parallel.pp_schedule``), all from ``torch.distributed.pipelining``:
+
+- ``gpipe``            ``ScheduleGPipe``: all forwards, then all backwards; one stage per rank.
+- ``1f1b``             ``Schedule1F1B``: one forward, one backward in steady state; one stage per rank.
+- ``interleaved_1f1b`` ``ScheduleInterleaved1F1B``: ``pp_virtual_stages`` stages per rank, placed
+  round-robin (stage s on rank s % pp): a bubble ``v`` times smaller.
+- ``zero_bubble``      ``ScheduleInterleavedZeroBubble`` (ZB1P): like interleaved, and each backward
+  is split into input-gradient and weight-gradient parts so weight work fills the bubble. Chosen
+  over ``ScheduleZBVZeroBubble`` because it takes any ``pp_virtual_stages`` and the same stage
+  placement as interleaved 1F1B (ZBV needs exactly two stages per rank in a V placement).
+
+Micro-batches: the step's global batch on this data-parallel rank (``grad_accum`` x
+``data.batch_size`` rows) is cut into ``parallel.pp_microbatches`` (0 -> 2 x pp) equal row
+chunks. Side inputs (position ids, document ids) go to every stage as keyword inputs; tokens go
+to the first stage; labels to the last.
+
+Loss (trainer/step.py's convention): the last stage's loss function returns
+``sum of token losses / global token count``; ``scale_grads=False`` so the schedule does not
+divide by the micro-batch count. The sum over micro-batches and ranks is the global mean.
+
+Shared weights. A weight held by several stages (the looped core and its LoRA on every stage
+running one of its iterations; the tied embedding / head) exists as one copy per stage. After
+the schedule, each copy's gradient is replaced by the sum over all copies: summed locally
+(several stages on one rank), then all-reduced over the pp ranks that hold it. Every copy then
+takes the same optimizer step and stays equal. The gradient norm counts one copy only: the
+others are marked ``_pp_replica`` and ``parallel.reduce.grad_norm`` skips them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from longtrain.config import ConfigError
+from longtrain.models.llama import cross_entropy_sum
+from longtrain.parallel.pipeline_split import (
+    MULTI_STAGE_SCHEDULES,
+    build_stage_model,
+    check_pipeline_config,
+    n_pipeline_stages,
+    owned_modules,
+    plan_stages,
+    stage_ranks,
+)
+
+
+def schedule_class(name: str):
+    from torch.distributed.pipelining import (
+        Schedule1F1B,
+        ScheduleGPipe,
+        ScheduleInterleaved1F1B,
+        ScheduleInterleavedZeroBubble,
+    )
+
+    return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B,
+            "zero_bubble": ScheduleInterleavedZeroBubble}[name]
+
+
+def n_microbatches(cfg) -> int:
+    p = cfg.parallel
+    n = p.pp_microbatches or 2 * p.pp
+    if n < 1:
+        raise ConfigError(f"parallel.pp_microbatches={p.pp_microbatches} must be >= 1, or 0 for 2 x pp.")
+    rows = cfg.data.batch_size * cfg.schedule.grad_accum
+    if rows % n:
+        raise ConfigError(
+            f"the pipeline cuts data.batch_size * schedule.grad_accum = {cfg.data.batch_size} * "
+            f"{cfg.schedule.grad_accum} = {rows} rows per step into parallel.pp_microbatches={n} equal "
+            f"micro-batches, which does not divide; choose pp_microbatches among the divisors of {rows}.")
+    return n
+
+
+def _module_key(fqn: str) -> str:
+    """Which top-level part (as in ``owned_modules``) a parameter name belongs to."""
+    parts = fqn.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("layers", "prelude", "coda") else parts[0]
+
+
+class PipelineModel(nn.Module):
+    """This rank's stage models (``parts``, each parallelized) and the schedule that runs them.
+
+    ``step(batches, n_global)`` runs forward + backward of one optimizer step and returns this
+    pipeline's summed token loss (identical on its pp ranks); ``loss_sum(batch)`` evaluates.
+    Calling the module directly is an error: a pipeline has no single-rank forward.
+    """
+
+    def __init__(self, parts, stages, schedule, specs, ranks, dims, n_microbatches: int):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.stages = stages
+        self.schedule = schedule
+        self.specs = specs
+        self.stage_rank = ranks
+        self.dims = dims
+        self.n_microbatches = n_microbatches
+        self.has_first = any(s.is_first for s in stages)
+        self.has_last = any(s.is_last for s in stages)
+        self._denominator = torch.ones((), device=dims.device)
+        self._shared: list = []  # (group or None, [(name, [local copies])]) -- see _plan_shared
+
+    def forward(self, *args, **kwargs):
+        raise TypeError("a PipelineModel has no plain forward: the trainer calls step() "
+                        "(trainer.step.forward_backward) and loss_sum() (evaluate).")
+
+    def loss_fn(self, logits, labels):
+        return cross_entropy_sum(logits, labels) / self._denominator.to(torch.float32)
+
+    def _inputs(self, batches: list[dict]):
+        dev = self.dims.device
+        cat = {k: torch.cat([b[k] for b in batches]).to(dev, non_blocking=True)
+               for k in ("tokens", "labels", "position_ids", "doc_ids") if k in batches[0]}
+        args = (cat["tokens"],) if self.has_first else ()
+        kwargs = {k: cat[k] for k in ("position_ids", "doc_ids") if k in cat}
+        target = cat["labels"] if self.has_last else None
+        return args, kwargs, target
+
+    def _pipeline_sum(self, losses: list) -> torch.Tensor:
+        from longtrain.parallel.reduce import all_reduce_sum
+
+        local = torch.zeros((), dtype=torch.float64, device=self.dims.device)
+        for loss in losses:
+            local += loss.detach().double()
+        local *= self._denominator.double()
+        return all_reduce_sum(local, self.dims, over="pp")  # only the last stage's rank adds
+
+    def step(self, batches: list[dict], n_global: torch.Tensor) -> torch.Tensor:
+        """Forward + backward over the micro-batches; returns this rank's token-loss sum."""
+        args, kwargs, target = self._inputs(batches)
+        self._denominator = n_global.clamp(min=1).detach()
+        losses: list = []
+        self.schedule.step(*args, target=target, losses=losses if self.has_last else None,
+                           return_outputs=False, **kwargs)
+        self.sync_shared_grads()
+        return self._pipeline_sum(losses)
+
+    @torch.no_grad()
+    def loss_sum(self, batch: dict) -> torch.Tensor:
+        """Summed token loss of one batch (forward only), identical on this pipeline's ranks."""
+        args, kwargs, target = self._inputs([batch])
+        self._denominator = torch.ones((), device=self.dims.device)
+        losses: list = []
+        self.schedule.eval(*args, target=target, losses=losses if self.has_last else None, **kwargs)
+        return self._pipeline_sum(losses)
+
+    # ------------------------------------------------------------------ shared weights
+
+    @torch.no_grad()
+    def sync_shared_grads(self) -> None:
+        """Every copy of a shared weight gets the sum of all copies' gradients."""
+        for group, entries in self._shared:
+            totals = []
+            for _, copies in entries:
+                grads = [_local(p.grad) for p in copies if p.grad is not None]
+                totals.append(torch.stack(grads).sum(0) if grads else torch.zeros_like(_local(copies[0])))
+            if group is not None:
+                flat = torch.cat([t.reshape(-1) for t in totals])
+                dist.all_reduce(flat, group=group)
+                offset = 0
+                for i, t in enumerate(totals):
+                    totals[i] = flat[offset:offset + t.numel()].view_as(t)
+                    offset += t.numel()
+            for (_, copies), total in zip(entries, totals):
+                for p in copies:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    _local(p.grad).copy_(total)
+
+    def describe(self) -> str:
+        n = len(self.specs)
+        lines = [f"pipeline: {n} stages over pp={self.dims.pp}, {type(self.schedule).__name__}, "
+                 f"{self.n_microbatches} micro-batches"]
+        lines += [f"  rank {self.stage_rank[s.index]} {s.describe()}" for s in self.specs]
+        return "\n".join(lines)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _pp_subgroups(dims, pp_ranks: tuple[int, ...]):
+    """This rank's process group over the given pp coordinates (same position in the other dims).
+
+    Every rank must call this in the same order (``new_group`` is collective over the world).
+    """
+    if len(pp_ranks) == dims.pp:
+        return dims.get_group("pp")
+    grid = dims.mesh.mesh.reshape(dims.pp, -1)
+    mine = None
+    for col in range(grid.shape[1]):
+        ranks = [int(grid[p, col]) for p in pp_ranks]
+        g = dist.new_group(ranks)
+        if dims.rank in ranks:
+            mine = g
+    return mine
+
+
+def _plan_shared(pm: PipelineModel, model: nn.Module, local_stages: list[int]) -> None:
+    """Find weights held by several stages; mark all but the first stage's copy as replicas."""
+    aliases: dict[int, list[str]] = defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases[id(p)].append(name)
+    canonical = {a: names[0] for names in aliases.values() for a in names}
+    holders: dict[str, list[int]] = defaultdict(list)
+    for spec in pm.specs:
+        keep = owned_modules(spec, model.cfg)
+        for names in aliases.values():
+            if any(_module_key(a) in keep for a in names):
+                holders[names[0]].append(spec.index)
+    shared = {c: h for c, h in holders.items() if len(h) > 1}
+    by_ranks: dict[tuple, list[str]] = defaultdict(list)
+    for c in sorted(shared):
+        by_ranks[tuple(sorted({pm.stage_rank[s] for s in shared[c]}))].append(c)
+    for rank_set in sorted(by_ranks):
+        group = _pp_subgroups(pm.dims, rank_set) if len(rank_set) > 1 else None
+        if pm.dims.pp_rank not in rank_set:
+            continue
+        entries = []
+        for c in by_ranks[rank_set]:
+            copies = []
+            for part, s in zip(pm.parts, local_stages):
+                for name, p in part.named_parameters():
+                    if canonical.get(name) == c and all(p is not q for q in copies):
+                        copies.append(p)
+                        if s != shared[c][0]:
+                            p._pp_replica = True  # parallel.reduce.grad_norm counts the owner only
+            entries.append((c, copies))
+        pm._shared.append((group, entries))
+
+
+def build_pipeline(model: nn.Module, dims, cfg) -> PipelineModel:
+    """Split ``model`` into stages, parallelize each, and build the schedule; see module doc."""
+    from torch.distributed.pipelining import PipelineStage
+
+    from longtrain.parallel.parallelize import parallelize
+
+    check_pipeline_config(cfg)
+    n_stages = n_pipeline_stages(cfg.parallel)
+    specs = plan_stages(cfg, n_stages)
+    ranks = stage_ranks(dims.pp, n_stages)
+    local = [s for s in range(n_stages) if ranks[s] == dims.pp_rank]
+    n_mb = n_microbatches(cfg)
+    parts = []
+    for s in local:
+        part = build_stage_model(model, specs[s], dims.device)
+        parts.append(parallelize(part, dims, cfg))
+    group = dims.get_group("pp")
+    stages = [PipelineStage(part, stage_index=s, num_stages=n_stages, device=dims.device, group=group)
+              for part, s in zip(parts, local)]
+    pm = PipelineModel(parts, stages, None, specs, ranks, dims, n_mb)
+    cls = schedule_class(cfg.parallel.pp_schedule)
+    if cfg.parallel.pp_schedule in MULTI_STAGE_SCHEDULES:
+        pm.schedule = cls(stages, n_microbatches=n_mb, loss_fn=pm.loss_fn, scale_grads=False)
+    else:
+        pm.schedule = cls(stages[0], n_microbatches=n_mb, loss_fn=pm.loss_fn, scale_grads=False)
+    _plan_shared(pm, model, local)
+    return pm
