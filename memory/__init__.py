@@ -1,1 +1,63 @@
-"""Memory policies: recomputation, activation offload, tiling, optimizer offload, the planner."""
+"""Memory policies: recomputation, activation offload, tiling, optimizer offload, the planner.
+
+Modules, one idea each:
+- ``recompute``: none / full / selective checkpointing per block and layer group; per loop
+  iteration for a looped model's core.
+- ``offload``: saved activations (what recompute keeps) to a bounded host pool on a side
+  stream, prefetched back in backward; token-wise split.
+- ``tiling``: MLP and head + cross-entropy over sequence chunks, recomputed in backward.
+- ``optimizer_offload``: ``build_optimizer`` (AdamW, or Adam state + fp32 master on the CPU)
+  and ``fsdp_offload_policy`` for FSDP2.
+- ``planner``: per-rank memory estimates, ``resolve_policy`` for ``memory.policy=auto``,
+  ``measure_peak``; ``cli`` registers ``longtrain plan``.
+
+``apply_activation_memory(model, cfg)`` is the one entry point ``parallel.parallelize`` calls,
+after tensor parallelism and Ulysses and before compile and FSDP2. It only replaces
+``forward`` of submodules it finds by type and name (every ``Block``, each Block's
+``feed_forward``, ``model.core``, ``model.head``), so it works on a pipeline stage that owns a
+subset of them and on modules whose weights are DTensors or whose attention is wrapped.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+
+def apply_activation_memory(model: nn.Module, cfg) -> dict:
+    """Apply ``cfg.memory`` (``cfg`` is a full ``Config``) to ``model`` in place.
+
+    Order: tiling inside the blocks first, then the block / core wrappers (recompute, with
+    offload around each checkpointed call). Returns a summary {what: how} for the start-up log;
+    the offloader, when any, is stored as ``model._longtrain_offloader`` for its statistics.
+    """
+    from longtrain.memory.offload import offload_layer_inputs
+    from longtrain.memory.recompute import apply_recompute
+    from longtrain.memory.tiling import apply_tiling
+
+    mem = cfg.memory
+    if mem.policy == "auto":
+        from longtrain.config import ConfigError
+
+        raise ConfigError("memory.policy=auto must be resolved before apply_activation_memory; call "
+                          "longtrain.memory.planner.resolve_policy(cfg, dims) first (the trainer does).")
+    summary = apply_tiling(model, mem)
+    offloader = None
+    if mem.offload:
+        device = next((p.device for p in model.parameters()), None)
+        offloader = offload_layer_inputs(mem, device)
+        model._longtrain_offloader = offloader
+    modes = apply_recompute(model, mem, offloader.wrap if offloader is not None else None)
+    summary["recompute"] = _summarise(modes)
+    if offloader is not None:
+        summary["offload"] = f"fraction={mem.offload_fraction} host_budget_gb={mem.host_budget_gb:g}"
+    return summary
+
+
+def _summarise(modes: dict) -> str:
+    counts: dict = {}
+    for m in modes.values():
+        counts[m] = counts.get(m, 0) + 1
+    return ", ".join(f"{m}x{n}" for m, n in counts.items()) or "no blocks"
+
+
+__all__ = ["apply_activation_memory"]

@@ -1,0 +1,112 @@
+"""Tiling: the MLP and the output projection + cross-entropy computed over sequence chunks.
+
+Owns: ``tile_mlp`` (each Block's ``feed_forward`` run chunk by chunk along the sequence) and
+``tile_loss`` (the model's ``LMHead`` computing its summed cross-entropy chunk by chunk), plus
+``apply_tiling`` which installs both on a model from outside.
+
+The idea (Arctic Long Sequence Training's TiledMLP / tiled loss): the MLP is position-wise and
+the loss is a sum over tokens, so both can run on one slice of the sequence at a time. Each
+chunk is a non-reentrant checkpoint: forward keeps only the chunk's input (a view of the full
+input, so no extra memory) and drops its intermediates; backward recomputes one chunk's
+intermediates, differentiates it and frees it before the next. Alive at any time: one chunk's
+``[chunk, ffn_dim]`` intermediates instead of ``[seq, ffn_dim]``, and one chunk's
+``[chunk, vocab]`` logits (and their fp32 copy and gradient) instead of ``[seq, vocab]``, which at
+a 128K vocabulary is the largest tensor of the whole step. The chunks are cut with
+``Tensor.split`` so their gradients are joined by one concatenation instead of one zero-filled
+full-size gradient per chunk. Results are exact up to float summation order.
+
+Parameters receive their gradients through ordinary autograd (no hand-written backward), so the
+tiling composes with tensor-parallel hooks on the projections, FSDP2, LoRA hooks and an outer
+block checkpoint; the loop index of a looped core is restored before a chunk is recomputed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from longtrain.memory.recompute import block_index_map, checkpointed, loop_index_keeper, wrap_forward
+
+
+def tiled_mlp_forward(fwd: Callable, n_chunks: int, snapshot: Callable | None = None,
+                      seq_dim: int = 1) -> Callable:
+    """``fwd(x)`` evaluated on ``n_chunks`` slices of ``x`` along ``seq_dim``, recomputed in backward."""
+    chunk_fn = checkpointed(fwd, "full", snapshot=snapshot)
+
+    @functools.wraps(fwd)
+    def run(x, *args, **kwargs):
+        if args or kwargs:  # not the plain position-wise call this tiling is for
+            return fwd(x, *args, **kwargs)
+        seq = x.shape[seq_dim]
+        if n_chunks <= 1 or seq < 2:
+            return fwd(x)
+        size = math.ceil(seq / min(n_chunks, seq))
+        pieces = x.split(size, dim=seq_dim)
+        step = chunk_fn if torch.is_grad_enabled() else fwd
+        return torch.cat([step(p) for p in pieces], dim=seq_dim)
+
+    return run
+
+
+def tiled_loss_forward(fwd: Callable, tokens_per_chunk: int) -> Callable:
+    """An ``LMHead.forward(h, labels)`` that sums the chunk losses; logits are never full-size.
+
+    Without labels (logits requested) the original forward runs unchanged.
+    """
+    chunk_fn = checkpointed(fwd, "full")
+
+    @functools.wraps(fwd)
+    def run(h, labels=None):
+        if labels is None:
+            return fwd(h)
+        dim = h.shape[-1]
+        hf = h.reshape(1, -1, dim)  # tokens of all sequences in a row: [1, B*S, dim]
+        lf = labels.reshape(1, -1)
+        if hf.shape[1] <= tokens_per_chunk:
+            return fwd(h, labels)
+        step = chunk_fn if torch.is_grad_enabled() else fwd
+        total = None
+        for hc, lc in zip(hf.split(tokens_per_chunk, dim=1), lf.split(tokens_per_chunk, dim=1)):
+            part = step(hc, lc)
+            total = part if total is None else total + part
+        return total
+
+    return run
+
+
+def tile_mlp(model: nn.Module, n_chunks: int) -> int:
+    """Tile every Block's ``feed_forward``; returns how many were tiled."""
+    core = getattr(model, "core", None)
+    keep = loop_index_keeper(core)
+    n = 0
+    for _, name, block in block_index_map(model):
+        ff = getattr(block, "feed_forward", None)
+        if ff is None:
+            continue
+        snapshot = keep if name.startswith("core.") else None
+        wrap_forward(ff, lambda fwd, s=snapshot: tiled_mlp_forward(fwd, n_chunks, s), "tiled_mlp")
+        n += 1
+    return n
+
+
+def tile_loss(model: nn.Module, tokens_per_chunk: int) -> bool:
+    """Tile the model's ``head`` (an ``LMHead``: labels -> summed cross-entropy)."""
+    head = getattr(model, "head", None)
+    if head is None:  # e.g. a pipeline stage that does not own the head
+        return False
+    wrap_forward(head, lambda fwd: tiled_loss_forward(fwd, tokens_per_chunk), "tiled_loss")
+    return True
+
+
+def apply_tiling(model: nn.Module, mem) -> dict:
+    """Install tiled MLP / tiled loss per ``mem`` (a ``MemoryConfig``)."""
+    out = {}
+    if mem.tiled_mlp > 1:
+        out["tiled_mlp"] = tile_mlp(model, mem.tiled_mlp)
+    if mem.tiled_loss > 0:
+        out["tiled_loss"] = tile_loss(model, mem.tiled_loss)
+    return out
