@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sdpa-backend", choices=["default", "cudnn", "flash", "efficient"], default="default",
                    help="pin PyTorch SDPA's kernel (default: PyTorch's own choice, as ALST runs)")
     p.add_argument("--no-pin-memory", action="store_true", help="ZeRO offload buffers in pageable memory")
+    p.add_argument("--tie", choices=["auto", "keep", "untie"], default="auto",
+                   help="tied embedding/output weights (Llama-3.2-1B): auto = untie when the tiled loss is on, "
+                        "since DeepSpeed 0.19.8's ZeRO-3 asserts on a tied weight whose output-head gradient "
+                        "TiledFusedLogitsLoss computes inside forward (same FLOPs; +vocab x dim parameters)")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the longtrain config (model.* matter)")
     return p
@@ -198,6 +202,41 @@ def synthetic_batch(seq_len: int, vocab: int, step: int, dp_rank: int, sp_rank: 
             (("input_ids", ids), ("position_ids", pos), ("shift_labels", shift))}
 
 
+def mark_checkpoint_inputs(model, ds_ctx) -> int:
+    """Make DeepSpeed's checkpoint-offload manager see the tensor checkpoint really saves.
+
+    The manager marks ``args[0]`` in ``GradientCheckpointingLayer.__call__``; but ZeRO-3's
+    forward pre-hooks hand ``forward`` a new tensor object, and transformers >= 5 checkpoints
+    ``forward`` (after the hooks), so the saved tensor is never the marked one and nothing is
+    offloaded (seen here: ``marked_tensors`` > 0, ``offloaded_tensors`` = 0). Marking the first
+    argument of each layer's checkpoint function instead marks exactly what the checkpoint saves,
+    with any transformers version. Returns the number of layers wrapped."""
+    n = 0
+    for mod in model.modules():
+        fn = getattr(mod, "_gradient_checkpointing_func", None)
+        if fn is None or getattr(fn, "_bench_marks", False):
+            continue
+
+        def marking(function, *args, _orig=fn, **kwargs):
+            if args and hasattr(args[0], "data_ptr") and ds_ctx in _active_managers():
+                ds_ctx.mark(args[0])
+            return _orig(function, *args, **kwargs)
+
+        marking._bench_marks = True
+        mod._gradient_checkpointing_func = marking
+        n += 1
+    return n
+
+
+def _active_managers() -> list:
+    from deepspeed.runtime.activation_checkpointing import offload_activations as oa
+
+    try:
+        return list(oa._manager_stack())
+    except Exception:  # noqa: BLE001 - private helper moved: mark unconditionally inside the step
+        return []
+
+
 def _sdpa_ctx(name: str):
     if name == "default":
         return contextlib.nullcontext()
@@ -222,6 +261,7 @@ def make_step(args, engine, seq_len: int, vocab: int, sp: int, sp_group, sp_rank
 
         ds_ctx = get_checkpoint_hidden_states_offloading_ctx_manager()
         info["act_offload_ctx"] = ds_ctx
+        info["act_offload_marked_at_checkpoint"] = mark_checkpoint_inputs(model, ds_ctx)
     local = seq_len // sp
     loss_shards = max(1, math.ceil(local * vocab * 4 / (args.loss_shard_gib * 2**30)))
     info["loss_shards"] = loss_shards
@@ -289,6 +329,13 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
         torch.cuda.set_device(device)
 
     m, seq_len = load_model_config(args)
+    untie = m.tie_embeddings and (args.tie == "untie" or (args.tie == "auto" and not args.no_tiled_loss))
+    if untie:
+        import dataclasses
+
+        m = dataclasses.replace(m, tie_embeddings=False)
+        rec["shape_note_tie"] = ("embedding and output weights untied for ALST (ZeRO-3 + TiledFusedLogitsLoss "
+                                 "cannot reduce a tied weight's two gradients in one bucket); FLOPs unchanged")
     sp = args.sp or world
     if world % sp:
         raise ValueError(f"--sp {sp} does not divide the world size {world}")
@@ -313,12 +360,17 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
                              f"of the same unrolled depth ({m.n_unrolled_layers} layers)")
 
     t0 = time.perf_counter()
+    phases = rec.setdefault("setup_phases_s", {})
     import deepspeed
     import deepspeed.comm as dscomm
     import transformers
 
+    phases["import"] = time.perf_counter() - t0
+
     rec["versions"] = {"deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
+    t = time.perf_counter()
     dscomm.init_distributed(dist_backend="nccl" if on_gpu else "gloo", dist_init_required=True)
+    phases["init_distributed"] = time.perf_counter() - t
     common.log(f"deepspeed {deepspeed.__version__}, transformers {transformers.__version__}; world={world} "
                f"sp={sp} dp={dp} seq_len={seq_len} offload_param={offload_param} act_offload={act_offload}", rank)
     writer.enabled = writer.enabled and rank == 0
@@ -333,6 +385,7 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
     from transformers import LlamaForCausalLM
 
     hf_cfg, n_layers = hf_llama_config(m, seq_len)
+    t = time.perf_counter()
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -346,7 +399,10 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
     model.config.use_cache = False
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-
+    phases["build_model"] = time.perf_counter() - t
+    common.log(f"model built ({n_params / 1e9:.2f} B parameters) in {phases['build_model']:.1f} s; "
+               f"deepspeed.initialize", rank)
+    t = time.perf_counter()
     mpu = None
     if sp > 1:
         from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
@@ -357,6 +413,7 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=ds_config(args, sp, offload_param, on_gpu), mpu=mpu)
     del model
+    phases["deepspeed_initialize"] = time.perf_counter() - t
     if sp > 1:
         from deepspeed.utils import groups
 
@@ -426,6 +483,11 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
             rec["act_offload_stats"] = dataclasses.asdict(ctx.stats)  # counts since the last step began
         except TypeError:
             rec["act_offload_stats"] = repr(ctx.stats)
+        rec["act_offload_layers_marked"] = info.get("act_offload_marked_at_checkpoint")
+        st = rec["act_offload_stats"]
+        if isinstance(st, dict) and device.type == "cuda" and not st.get("offloaded_tensors"):
+            rec["warning"] = "activation offload was on but offloaded no tensor in the profiled step"
+            common.log(f"WARNING: {rec['warning']}: {st}", rank)
 
     mem = common.gpu_memory(device)
     host = common.host_memory()
