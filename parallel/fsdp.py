@@ -24,8 +24,6 @@ import torch
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from longtrain.models.llama import Block
-
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -49,14 +47,18 @@ def uses_fsdp(dims) -> bool:
 
 
 def _units(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    """(module, reshard_after_forward) for every FSDP unit below the root, in forward order."""
-    core = getattr(model, "core", None)
+    """(module, reshard_after_forward) for every FSDP unit below the root, in forward order.
+
+    Read from the models' containers (``layers`` / ``prelude`` / ``coda`` ModuleDicts, the looped
+    ``core``) rather than by type, so a block replaced by a wrapper is still one unit.
+    """
     units = []
-    for name, m in model.named_modules():
-        if core is not None and (m is core):
-            units.append((m, False))
-        elif isinstance(m, Block) and not (core is not None and name.startswith("core.")):
-            units.append((m, True))
+    for attr in ("layers", "prelude", "core", "coda"):
+        part = getattr(model, attr, None)
+        if isinstance(part, nn.ModuleDict):
+            units += [(block, True) for block in part.values()]
+        elif isinstance(part, nn.Module):
+            units.append((part, False))  # the looped core: one unit, gathered once for R calls
     return units
 
 

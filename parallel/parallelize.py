@@ -10,7 +10,8 @@ Owns the order, which matters:
 
 Works for ``Llama`` and ``Looped`` (its shared core is just more ``Block``s plus its LoRA). In a
 single process nothing is distributed and only the memory policy (and compile) apply. Pipeline
-stages are split off before this, as their own step; ``parallel.pp > 1`` is refused until then.
+stages are split off before this, as their own step (``parallel.pipeline``), which then calls
+``parallelize`` on each stage model.
 """
 
 from __future__ import annotations
@@ -23,20 +24,23 @@ from longtrain.parallel.tensor_parallel import apply_tensor_parallel, replicate_
 from longtrain.parallel.ulysses import apply_ulysses
 
 
-def _apply_memory_policy(model: nn.Module, cfg) -> nn.Module:
+def _apply_memory_policy(model: nn.Module, cfg) -> None:
+    """``longtrain.memory.apply_activation_memory`` when present (it works in place and returns a
+    summary for the start-up log, kept as ``model._longtrain_memory_summary``)."""
     try:
         from longtrain import memory
     except ImportError:
-        return model
+        return
     fn = getattr(memory, "apply_activation_memory", None)
-    if fn is None:  # memory/ is written in parallel with this; absent = no policy yet
-        return model
-    out = fn(model, cfg)
-    return model if out is None else out
+    if fn is None:  # memory/ is written alongside this; absent means no policy yet
+        return
+    model._longtrain_memory_summary = fn(model, cfg)
 
 
 def _compile_blocks(model: nn.Module) -> None:
-    # per block, in place (nn.Module.compile keeps parameter names: no "_orig_mod." prefix)
+    """``torch.compile`` each transformer block in place (``nn.Module.compile`` keeps parameter
+    names: no ``_orig_mod.`` prefix). The looped core's blocks are compiled one by one; their
+    LoRA hooks read ``core.loop_index``, so expect one recompile per loop index."""
     for m in model.modules():
         if isinstance(m, Block):
             m.compile()
@@ -44,13 +48,10 @@ def _compile_blocks(model: nn.Module) -> None:
 
 def parallelize(model: nn.Module, dims, cfg) -> nn.Module:
     """Apply TP/SP -> Ulysses -> memory policy -> compile -> FSDP2 to ``model`` (in place)."""
-    if dims.pp > 1:
-        raise NotImplementedError(
-            f"parallel.pp={dims.pp}: pipeline stages are not split yet (a separate step before "
-            f"parallelize); set parallel.pp=1.")
+    # with parallel.pp > 1, ``model`` is one pipeline stage (parallel.pipeline.build_pipeline)
     model = apply_tensor_parallel(model, dims)
     model = apply_ulysses(model, dims)
-    model = _apply_memory_policy(model, cfg)
+    _apply_memory_policy(model, cfg)
     if cfg.schedule.compile:
         _compile_blocks(model)
     if uses_fsdp(dims):

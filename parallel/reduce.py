@@ -69,7 +69,9 @@ def grad_norm(parameters: Iterable[torch.Tensor], dims: ParallelDims | None = No
     double counted). With pipeline stages each stage holds different parameters, so the p-th
     powers are added over ``pp``.
     """
-    grads = [p.grad for p in parameters if p.grad is not None]
+    # a weight several pipeline stages hold (looped core, tied embedding) counts once: the copies
+    # other than its first stage's are marked by parallel.pipeline
+    grads = [p.grad for p in parameters if p.grad is not None and not getattr(p, "_pp_replica", False)]
     by_mesh: dict = defaultdict(list)
     for g in grads:
         by_mesh[g.device_mesh if isinstance(g, DTensor) else None].append(g)

@@ -18,8 +18,6 @@ all-to-all that delivers chunks in the wrong order, must fail it by orders of ma
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -121,12 +119,18 @@ def compare_layout(model_over: list[str], parallel: dict, docs: bool = False, sw
 
     cfg = make_config(model_over, parallel)
     dims = init_distributed(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    with torch.no_grad():  # LoRA B starts at zero; make the LoRA path carry signal (and gradient)
-        for lora in getattr(getattr(model, "core", None), "lora", {}).values() if cfg.model.arch == "looped" else []:
-            lora.B.normal_(std=lora_b_std)
-    ref = copy.deepcopy(model)
+
+    def build():
+        # built twice from one seed instead of deepcopy: the looped model's LoRA forward hooks
+        # close over their own core, so a deepcopy would still run the original's LoRA
+        torch.manual_seed(0)
+        m = build_model(cfg.model)
+        with torch.no_grad():  # LoRA B starts at zero; make the LoRA path carry signal and gradient
+            for lora in (m.core.lora.values() if cfg.model.arch == "looped" else []):
+                lora.B.normal_(std=lora_b_std)
+        return m
+
+    model, ref = build(), build()
     # three training batches, then the first one again: the loss after 3 steps on seen data
     batches = [make_batch(cfg, 2 * dims.dp_size, step, docs) for step in (0, 1, 2, 0)]
 
