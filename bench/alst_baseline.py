@@ -329,6 +329,7 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
         torch.cuda.set_device(device)
 
     m, seq_len = load_model_config(args)
+    common.maybe_simulate_oom(seq_len)
     untie = m.tie_embeddings and (args.tie == "untie" or (args.tie == "auto" and not args.no_tiled_loss))
     if untie:
         import dataclasses

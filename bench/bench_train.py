@@ -231,6 +231,7 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
     cfg = load_bench_config(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    common.maybe_simulate_oom(cfg.data.seq_len)
     rec.update(config=args.config + (" (tiny)" if args.tiny else ""), seq_len=cfg.data.seq_len,
                world_size=world, sp=cfg.parallel.sp, batch_size=cfg.data.batch_size, steps=args.steps,
                warmup=args.warmup, alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),

@@ -218,6 +218,20 @@ def is_oom(exc: BaseException) -> bool:
     return any(p in text for p in _OOM_PATTERNS)
 
 
+def maybe_simulate_oom(seq_len: int) -> None:
+    """Test hook for the longest-sequence search on machines without a GPU: with
+    ``BENCH_SIMULATE_OOM_ABOVE=N`` in the environment, a sequence longer than N raises the same
+    out-of-memory error a GPU would."""
+    limit = os.environ.get("BENCH_SIMULATE_OOM_ABOVE")
+    only = os.environ.get("BENCH_SIMULATE_OOM_RANK")  # e.g. 1: the other ranks block in collectives
+    if only and os.environ.get("RANK", "0") != only:
+        return
+    if limit and seq_len > int(limit):
+        import torch
+
+        raise torch.cuda.OutOfMemoryError(f"simulated: seq_len={seq_len} > BENCH_SIMULATE_OOM_ABOVE={limit}")
+
+
 def short_error(exc: BaseException, limit: int = 2000) -> str:
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= limit else text[:limit] + " ..."
@@ -443,10 +457,28 @@ def main_table(argv: Optional[list] = None) -> None:
     for p in paths:
         try:
             with open(p) as f:
-                recs.append(json.load(f))
+                d = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             print(f"skip {p}: {e}", file=sys.stderr)
-    print_table(recs)
+            continue
+        if isinstance(d, dict) and "trials" in d:  # a longest_seq.py log
+            print_search(d)
+        else:
+            recs.append(d)
+    if recs:
+        print_table(recs)
+
+
+def print_search(d: dict) -> None:
+    r = d.get("result", {})
+    print(f"{d.get('system')} {d.get('config')} on {d.get('nproc')} GPU(s) sp={d.get('sp')}: status "
+          f"{d.get('status')} ({d.get('stop_reason', 'running')}); longest ok {r.get('longest_ok')}, "
+          f"shortest fail {r.get('shortest_fail')}", flush=True)
+    for t in d.get("trials", []):
+        extra = f"peak GPU {t['peak_gpu_mem_gib']:.1f} GiB, " if t.get("peak_gpu_mem_gib") else ""
+        step = f"step {t['step_time_s_median']:.1f} s, " if t.get("step_time_s_median") else ""
+        err = f" {str(t.get('error'))[:120]}" if t.get("outcome") != "ok" and t.get("error") else ""
+        print(f"    {t['seq_len']:>10}  {t['outcome']:8s} {extra}{step}wall {t['wall_s']:.0f} s{err}", flush=True)
 
 
 if __name__ == "__main__":
