@@ -343,7 +343,7 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     rec = common.base_record("longtrain", [sys.executable, *sys.argv] if argv is None else list(argv))
     writer = common.ResultWriter(args.out, rec, enabled=(rank == 0))
-    writer.write()
+    writer.write(force=True)
     try:
         run(args, writer, rec)
     except BaseException as e:  # noqa: BLE001 - every failure becomes a record

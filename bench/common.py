@@ -80,10 +80,22 @@ class ResultWriter:
         self.record.update(kw)
         self.write()
 
-    def write(self) -> None:
+    def write(self, force: bool = False) -> None:
+        """``force``: the first write of a run, replacing a stale file from an earlier run."""
         if not self.enabled:
             return
+        if not force and self.record.get("status") not in ("OOM", "error", "interrupted") \
+                and _failed_elsewhere(self.path):
+            return  # another rank already recorded why the run failed; keep that
         write_json_atomic(self.path, self.record)
+
+
+def _failed_elsewhere(path: Path) -> bool:
+    try:
+        with open(path) as f:
+            return json.load(f).get("failed_rank") is not None
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

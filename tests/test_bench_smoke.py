@@ -1,0 +1,130 @@
+"""The benchmark scripts run end to end on a CPU and write the result schema the tables read.
+
+GPU numbers cannot be checked here; what is checked: bench_train.py builds a job through the
+normal config/setup path, runs timed steps and writes every schema key with sane values; the
+profile summary sums kernels by category correctly (a synthetic trace); the longest-sequence
+search converges on the boundary. The ALST baseline needs DeepSpeed and is skipped unless
+LONGTRAIN_ALST_SMOKE=1 (it JIT-builds DeepSpeedCPUAdam, which takes minutes the first time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common  # noqa: E402
+from longest_seq import Search  # noqa: E402
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.pop("BENCH_SIMULATE_OOM_ABOVE", None)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env["OMP_NUM_THREADS"] = "2"
+    return env
+
+
+def test_bench_train_tiny_cpu_writes_every_schema_key(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--config", "llama3.2-1b", "--device", "cpu",
+           "--tiny", "--steps", "2", "--warmup", "1", "--out", str(out), "--planner"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    missing = [k for k in common.SCHEMA_KEYS if k not in rec]
+    assert not missing, missing
+    assert rec["status"] == "ok", rec.get("error")
+    assert rec["system"] == "longtrain" and rec["seq_len"] == 256 and rec["world_size"] == 1
+    assert len(rec["step_times_s"]) == 2 and rec["step_time_s_median"] > 0
+    assert rec["tokens_per_step"] == 256 * rec["batch_size"]
+    assert rec["tokens_per_s"] == pytest.approx(rec["tokens_per_step"] / rec["step_time_s_median"])
+    assert rec["tokens_per_s_per_gpu"] == pytest.approx(rec["tokens_per_s"])
+    assert 0 < rec["mfu_causal"] < rec["mfu"]  # the causal count is the smaller one
+    assert rec["flops_per_token_causal"] < rec["flops_per_token"]
+    assert rec["peak_host_rss_gib"] > 0 and rec["peak_gpu_mem_gib"] is None  # no GPU here
+    assert "skipped" in rec["profile"]
+    assert "planner" in rec and "available" in rec["planner"]
+    assert rec["loss"] > 0
+
+
+def test_bench_train_records_oom_and_exits_3(tmp_path):
+    out = tmp_path / "r.json"
+    env = _env()
+    env["BENCH_SIMULATE_OOM_ABOVE"] = "128"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--config", "llama3.2-1b", "--device", "cpu",
+           "--tiny", "--steps", "1", "--warmup", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["status"] == "OOM" and rec["failed_rank"] == 0
+
+
+def test_profile_summary_sums_categories_and_exposed_communication(tmp_path):
+    # times in microseconds; a 10 ms step
+    ev = [
+        {"ph": "X", "cat": "kernel", "name": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma", "ts": 0, "dur": 3000},
+        {"ph": "X", "cat": "kernel", "name": "sm90_xmma_gemm_bf16bf16_bf16f32", "ts": 3000, "dur": 2000},
+        {"ph": "X", "cat": "kernel", "name": "ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "ts": 4000, "dur": 2000},
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoH (Device -> Pinned)", "ts": 6000, "dur": 1000},
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "ts": 7000, "dur": 500},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 9000},  # host events are ignored
+    ]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": ev}))
+    s = common.summarize_trace(str(path), step_time_s=0.010)
+    assert s["kernel_time_s"]["attention"] == pytest.approx(0.003)
+    assert s["kernel_time_s"]["communication"] == pytest.approx(0.002)
+    assert s["kernel_time_s"]["offload_dtoh"] == pytest.approx(0.001)
+    assert s["kernel_time_s"]["offload_htod"] == pytest.approx(0.0005)
+    assert s["kernel_time_s"]["other"] == pytest.approx(0.002)
+    assert s["attention_share"] == pytest.approx(0.3)
+    assert s["offload_share"] == pytest.approx(0.15)
+    # the all-gather (4-6 ms) overlaps the gemm (3-5 ms) for 1 ms: 1 ms exposed
+    assert s["exposed_communication_s"] == pytest.approx(0.001)
+    assert s["gpu_busy_s"] == pytest.approx(0.0075)
+
+
+def test_search_doubles_then_bisects_to_one_unit():
+    fits = 1000
+    s = Search(q=64, start=256, grow=2.0, max_seq=1 << 20, rel_tol=0.0)
+    tried = []
+    while (seq := s.next()) is not None:
+        tried.append(seq)
+        s.record(seq, seq <= fits)
+    assert tried[:3] == [256, 512, 1024]
+    assert s.lo == 960 and s.hi == 1024 and all(t % 64 == 0 for t in tried)
+
+
+def test_search_halves_when_the_start_fails():
+    s = Search(q=64, start=4096, grow=2.0, max_seq=1 << 20, rel_tol=0.0)
+    tried = []
+    while (seq := s.next()) is not None:
+        tried.append(seq)
+        s.record(seq, seq <= 300)
+    assert tried[:4] == [4096, 2048, 1024, 512]
+    assert s.lo == 256 and s.hi == 320
+
+
+@pytest.mark.skipif(not os.environ.get("LONGTRAIN_ALST_SMOKE"), reason="set LONGTRAIN_ALST_SMOKE=1 (needs deepspeed; JIT build)")
+def test_alst_baseline_tiny_cpu(tmp_path):
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("transformers")
+    out = tmp_path / "a.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "alst_baseline.py"), "--config", "llama3.2-1b", "--device", "cpu",
+           "--tiny", "--steps", "2", "--warmup", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert rec["status"] == "ok" and rec["system"] == "alst"
+    assert not [k for k in common.SCHEMA_KEYS if k not in rec]
+    assert rec["cpu_adam_build_s"] is not None
