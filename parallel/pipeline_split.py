@@ -305,8 +305,11 @@ class _StageForward:
         if spec.is_last:
             return self.head(h)
         if spec.emits_e:
-            # a view, not the input itself: a stage that only forwards e still has a graph edge
-            return h, e.view_as(e)
+            if spec.takes_e and not any(u.kind == "prelude" for u in spec.units):
+                # e only passes through: send a copy, not the received buffer or a view of it (the
+                # zero-bubble schedules detach outputs in place, which a view does not allow)
+                e = e.clone()
+            return h, e
         return h
 
 

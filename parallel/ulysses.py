@@ -62,8 +62,9 @@ def ulysses_all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group
 class _DocIdsGather:
     """The whole sequence's document ids, gathered once per forward and shared by all layers.
 
-    The cache is keyed on the identity of the local tensor (held, so its id cannot be reused):
-    every layer of one forward receives the same ``doc_ids`` object from the model.
+    The cache is keyed on the identity of the local tensor (held, so its id cannot be reused)
+    and its version counter (a loader refilling one buffer in place bumps it): every layer of
+    one forward receives the same ``doc_ids`` object from the model.
     """
 
     def __init__(self, group):
@@ -73,10 +74,11 @@ class _DocIdsGather:
 
     @torch.no_grad()
     def __call__(self, doc_ids: torch.Tensor) -> torch.Tensor:
-        if self._key is not doc_ids:
+        key = (doc_ids, doc_ids._version)
+        if self._key is None or self._key[0] is not doc_ids or self._key[1] != key[1]:
             parts = [torch.empty_like(doc_ids) for _ in range(dist.get_world_size(self.group))]
             dist.all_gather(parts, doc_ids.contiguous(), group=self.group)
-            self._key, self._full = doc_ids, torch.cat(parts, dim=1)
+            self._key, self._full = key, torch.cat(parts, dim=1)
         return self._full
 
 

@@ -146,6 +146,8 @@ def compare_layout(model_over: list[str], parallel: dict, docs: bool = False, sw
 
         ulysses._a2a = reversed_a2a
     model = parallelize(model, dims, cfg)
+    # read before any forward: units with reshard_after_forward=False stay gathered after one
+    placements = {name: str(getattr(p, "placements", None)) for name, p in model.named_parameters()}
     got = train_steps(model, batches, dims, feed=lambda b: local_slice(b, dims, swap_sp))
 
     assert set(got["grads"]) == set(expect["grads"]), "parameter names changed under parallelize"
@@ -154,6 +156,7 @@ def compare_layout(model_over: list[str], parallel: dict, docs: bool = False, sw
     worst = max(grad_err, key=grad_err.get)
     return {
         "describe": dims.describe(),
+        "placements": placements,
         "loss1": _rel(got["losses"][0], expect["losses"][0]),
         "loss_after_3": _rel(got["losses"][-1], expect["losses"][-1]),
         "norm": max(_rel(a, b) for a, b in zip(got["norms"], expect["norms"])),
@@ -189,8 +192,18 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(layout):
     model_over, parallel, world = LAYOUTS[layout]
-    assert_equal_to_single_process(run_distributed(compare_layout, world, model_over, parallel,
-                                                   init_process_group=False))
+    results = run_distributed(compare_layout, world, model_over, parallel, init_process_group=False)
+    assert_equal_to_single_process(results)
+    placements = results[0]["placements"]
+    if parallel.get("tp", 1) > 1:  # tensor parallel really sharded: heads split, vocab split
+        wq = ("core." if layout.startswith("looped") else "") + "layers.0.attention.wq.weight"
+        assert placements[wq].endswith("Shard(dim=0))") or placements[wq].endswith("Shard(dim=0),)"), placements
+    if layout.startswith("looped"):
+        # LoRA sharded like its linear: B along the output rows of a column-parallel linear,
+        # A along the input columns of a row-parallel one (last placement = the tp dim)
+        assert placements["core.lora.0_attention_wq.B"].endswith("Shard(dim=1))"), placements
+        assert placements["core.lora.0_attention_wo.A"].endswith("Shard(dim=2))"), placements
+        assert placements["core.lora.0_attention_wq.A"].endswith("Replicate())"), placements
 
 
 def test_ulysses_matches_single_process_with_document_masks():
