@@ -9,13 +9,16 @@ trainer's loss convention (loss SUM per rank / global token count, ``scale_grads
 - every parameter's gradient after step 1, on every rank that holds it (stage models keep the
   full model's parameter names; a shared weight's copies all hold the summed gradient), and the
   union of the stages' parameters is the whole model;
-- the global gradient norm (shared weights counted once) and the loss of each step;
+- the global gradient norm of each step (shared weights counted once) and the loss of each step;
 - the loss after 3 AdamW steps with clipping, measured through the schedule's forward-only
   ``eval`` on the first batch again.
 
-Tolerances: relative 2e-5 on losses and grad norms; gradients ``max|g - g_ref| / max|g_ref|``
-below 5e-5 (observed ~1e-7..1e-6: only summation order differs -- micro-batches add their
-gradients one by one).
+Tolerances (float32): relative 2e-5 on every loss and on the step-1 gradient norm; gradients
+``max|g - g_ref| / max|g_ref|`` below 5e-5; the norms of steps 2 and 3 within 1e-4 (AdamW divides
+by sqrt of the second moment, so roundoff in near-zero gradient entries becomes visible in the
+next steps' norms: observed up to 1.7e-5 with the core spread over 4 stages, while losses and
+parameters stay within ~3e-7 / 6e-6 absolute). Observed otherwise ~1e-7..1e-6: only summation
+order differs (micro-batches and stage copies add their gradients one by one).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dist_utils import run_distributed
 
 LOSS_RTOL = 2e-5
 GRAD_RTOL = 5e-5
+LATER_NORM_RTOL = 1e-4  # norms of steps 2-3: AdamW's 1/sqrt(v) amplifies roundoff of tiny grads
 
 LLAMA = ["model.arch=llama", "model.vocab_size=64", "model.dim=32", "model.n_heads=4",
          "model.n_kv_heads=2", "model.ffn_dim=64", "model.n_layers=4", "model.max_seq_len=64"]
@@ -92,7 +96,8 @@ def _reference(model, batches, clip: float) -> dict:
             break
         (loss_sum / n).backward()
         if step == 0:
-            out["grads"] = {name: p.grad.clone() for name, p in model.named_parameters()}
+            # every alias of a tied weight, so each stage's copy finds its name
+            out["grads"] = {name: p.grad.clone() for name, p in model.named_parameters(remove_duplicate=False)}
         out["norms"].append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item())
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -148,9 +153,12 @@ def compare_pipeline(model_over: list[str], parallel: dict, seq_len: int = 16) -
     rel = lambda a, b: abs(a - b) / max(abs(b), 1e-12)  # noqa: E731
     return {
         "describe": dims.describe(), "pipeline": pm.describe(),
-        "names": sorted(got["grads"]), "all_names": sorted(expect["grads"]),
+        "names": sorted(got["grads"]),
+        "aliases": [[n for n, q in ref.named_parameters(remove_duplicate=False) if q is p]
+                    for p in ref.parameters()],
         "core_stages": [s.index for s in pm.specs if any(u.kind == "core" for u in s.units)],
         "loss": max(rel(a, b) for a, b in zip(got["losses"], expect["losses"])),
+        "norm1": rel(got["norms"][0], expect["norms"][0]),
         "norm": max(rel(a, b) for a, b in zip(got["norms"], expect["norms"])),
         "grad": grad_err[worst], "worst_grad": worst,
         "losses": (got["losses"], expect["losses"]),
@@ -163,12 +171,14 @@ def assert_equal_to_single_process(results: list[dict]) -> None:
     for rank, r in enumerate(results):
         msg = f"rank {rank}, {r['describe']}\n{r['pipeline']}\n{r}"
         assert r["loss"] < LOSS_RTOL, msg
-        assert r["norm"] < LOSS_RTOL, msg
+        assert r["norm1"] < LOSS_RTOL, msg
+        assert r["norm"] < LATER_NORM_RTOL, msg
         assert r["grad"] < GRAD_RTOL, msg
         assert r["clipped"], "the clip threshold should bind so clipping is exercised"
         assert r["losses"][1][-1] < r["losses"][1][0], "training should lower the loss"
         held |= set(r["names"])
-    assert held == set(results[0]["all_names"]), "the stages together must hold every parameter"
+    missing = [names for names in results[0]["aliases"] if not held & set(names)]
+    assert not missing, f"no stage holds {missing}"
 
 
 SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"]
@@ -185,6 +195,21 @@ def test_looped_r4_core_on_both_stages_matches_single_process():
                               init_process_group=False)
     assert results[0]["core_stages"] == [0, 1], results[0]["pipeline"]
     assert_equal_to_single_process(results)
+
+
+def test_looped_core_on_four_stages_zero_bubble_matches_single_process():
+    """Two stages per rank, each with its own copy of the core: copies summed locally and over pp;
+    the zero-bubble schedule's split input/weight backward on the shared weights."""
+    results = run_distributed(compare_pipeline, 2, LOOPED, {"pp": 2, "pp_schedule": "zero_bubble"},
+                              init_process_group=False)
+    assert results[0]["core_stages"] == [0, 1, 2, 3], results[0]["pipeline"]
+    assert_equal_to_single_process(results)
+
+
+def test_tied_embeddings_first_and_last_stage_match_single_process():
+    assert_equal_to_single_process(run_distributed(
+        compare_pipeline, 2, LLAMA + ["model.tie_embeddings=true"], {"pp": 2, "pp_schedule": "1f1b"},
+        init_process_group=False))
 
 
 def test_pp2_sp2_matches_single_process():
