@@ -1,0 +1,92 @@
+"""``launch.backend=local``: N worker processes on this machine, through torch elastic.
+
+Owns: ``launch_local(cfg, config, overrides)``. It uses ``torch.distributed.launcher.api``
+(the library under ``torchrun``) rather than its own process management, because elastic
+already does what a launcher must get right and is easy to get wrong by hand:
+
+- rendezvous: a c10d store on a free local port; every restart is a new rendezvous round, and
+  each worker gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT and
+  TORCHELASTIC_RESTART_COUNT, which is all ``longtrain.launch.worker`` reads;
+- no orphans: each worker starts in a session of its own and is stopped with ``killpg``
+  (SIGTERM, then SIGKILL after a grace period), so its children go too; on Ctrl-C or SIGTERM the
+  agent stops every worker before it returns;
+- failure: one worker exiting non-zero stops the others and, while ``launch.max_restarts``
+  allows, restarts the whole group; the workers resume from the newest checkpoint by themselves;
+- logs: every line of every worker is streamed with a ``[rank N]`` prefix and kept in
+  ``<run_dir>/launch/attempt_<k>/<rank>/stdout.log`` (elastic's layout).
+
+One process per GPU when CUDA is there (``launch.nproc_per_node`` of them), otherwise per CPU
+slot; OMP_NUM_THREADS is set so the processes share the cores instead of fighting over them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from longtrain.config import Config, ConfigError
+from longtrain.launch.env import free_port
+
+
+def worker_command(config: str | None, overrides: list[str]) -> list[str]:
+    """The argv after the interpreter that every backend runs per worker."""
+    return ["-u", "-m", "longtrain.launch.worker", *([config] if config else []), *overrides]
+
+
+def launch_local(cfg: Config, config: str | None, overrides: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig as ElasticConfig
+    from torch.distributed.launcher.api import elastic_launch
+
+    lc = cfg.launch
+    if lc.nodes != 1:
+        raise ConfigError(f"launch.nodes={lc.nodes} with launch.backend=local: the local backend starts "
+                          f"workers on this machine only; use launch.backend=slurm or ray for several nodes.")
+    nproc = lc.nproc_per_node
+    log_dir = cfg.run_dir / "launch"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if "OMP_NUM_THREADS" not in os.environ:  # inherited by the workers
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    # Workers must not share the agent's TCPStore: its keys outlive a restart, so a restarted group
+    # can read the previous group's addresses and hang in init (pytorch/pytorch#135712). With this,
+    # each rendezvous round hands the workers a fresh MASTER_PORT and rank 0 hosts the store.
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    port = lc.master_port or free_port("127.0.0.1")
+    ecfg = ElasticConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc,
+        run_id=f"longtrain-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", rdzv_configs={"timeout": 300},
+        max_restarts=lc.max_restarts, monitor_interval=0.2,
+        logs_specs=DefaultLogsSpecs(log_dir=str(log_dir), tee=Std.ALL),
+        log_line_prefix_template="[rank ${rank}] ",
+        start_method="spawn",
+    )
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    print(f"[longtrain] launch: {nproc} local workers, rendezvous 127.0.0.1:{port}, "
+          f"max_restarts={lc.max_restarts}, logs under {log_dir}", flush=True)
+    try:
+        elastic_launch(ecfg, sys.executable)(*worker_command(config, overrides))
+    except ChildFailedError as e:
+        rank, first = e.get_first_failure()
+        print(f"[longtrain] launch: worker rank {rank} failed with exit code {first.exitcode} after "
+              f"{lc.max_restarts} restart(s); every worker was stopped. Its log: {_rank_log(log_dir, rank)}",
+              file=sys.stderr, flush=True)
+        return 1
+    except SignalException as e:
+        print(f"[longtrain] launch: got {e.sigval.name}; every worker was stopped", file=sys.stderr, flush=True)
+        return 128 + int(e.sigval)
+    except KeyboardInterrupt:
+        print("[longtrain] launch: interrupted; every worker was stopped", file=sys.stderr, flush=True)
+        return 130
+    print("[longtrain] launch: all workers finished", flush=True)
+    return 0
+
+
+def _rank_log(log_dir: Path, rank: int) -> str:
+    logs = sorted(log_dir.glob(f"*/attempt_*/{rank}/stdout.log"), key=lambda p: p.stat().st_mtime)
+    return str(logs[-1]) if logs else str(log_dir)

@@ -1,0 +1,167 @@
+"""Launcher pieces that need no cluster: the Slurm -> torchrun environment mapping, host lists,
+the sbatch script, and the helpers the launcher tests share (tiny configs, process lookups)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from longtrain.config import load_config
+from longtrain.launch.env import expand_hostlist, normalize_env, slurm_master_port, tasks_per_node
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = ["model.arch=llama", "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",
+        "model.ffn_dim=64", "data.seq_len=32", "data.batch_size=2", "schedule.warmup_steps=2",
+        "logging.progress=false", "logging.tensorboard=false", "schedule.eval_every=0", "logging.log_every=1",
+        "checkpoint.async_save=false"]
+
+
+def tiny_overrides(run_dir: Path, steps: int, every: int, *extra: str) -> list[str]:
+    return [*TINY, f"schedule.steps={steps}", f"checkpoint.every_steps={every}", f"logging.run_dir={run_dir}",
+            *extra]
+
+
+def worker_env() -> dict:
+    """The environment for launcher subprocesses: this checkout importable, one thread per process."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def longtrain_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "longtrain.cli", *args]
+
+
+def final_loss(run_dir: Path) -> float:
+    """The last logged training loss of a run (metrics.jsonl)."""
+    import json
+
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    return losses[-1]
+
+
+def metrics_steps(run_dir: Path) -> list[int]:
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line]
+
+
+def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (from /proc; workers run in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_slurm_env_maps_to_torchrun_variables():
+    env = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+           "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_NODELIST": "gpu[07-08]",
+           "SLURM_JOB_ID": "1234", "SLURM_RESTART_COUNT": "2", "PATH": ""}  # no scontrol on PATH: the parser
+    w = normalize_env(env)
+    assert (w.rank, w.world_size, w.local_rank, w.local_world_size) == (5, 8, 1, 4)
+    assert w.master_addr == "gpu07" and w.source == "slurm" and w.restart_count == 2
+    assert w.master_port == slurm_master_port(1234, 2) != slurm_master_port(1234, 1)
+    assert env["RANK"] == "5" and env["WORLD_SIZE"] == "8" and env["MASTER_ADDR"] == "gpu07"
+
+
+def test_the_batch_shell_is_not_taken_for_a_worker_and_launcher_variables_win():
+    single = normalize_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "1"})  # sbatch, no srun
+    assert (single.world_size, single.source) == (1, "single")
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "2950",
+           "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "TORCHELASTIC_RESTART_COUNT": "1"}
+    w = normalize_env(env)
+    assert (w.rank, w.world_size, w.master_addr, w.master_port, w.source) == (1, 2, "10.0.0.1", 2950, "torchrun")
+    assert w.restart_count == 1
+
+
+def test_hostlists_and_tasks_per_node():
+    assert expand_hostlist("gpu[01-03,07],cpu1") == ["gpu01", "gpu02", "gpu03", "gpu07", "cpu1"]
+    assert expand_hostlist("node7") == ["node7"]
+    assert expand_hostlist("a[9-11]") == ["a9", "a10", "a11"]
+    assert tasks_per_node("4(x2),3") == [4, 4, 3]
+    if shutil.which("scontrol"):  # agrees with Slurm's own expansion
+        out = subprocess.run(["scontrol", "show", "hostnames", "gpu[01-03,07],cpu1"], capture_output=True, text=True)
+        if out.returncode == 0:
+            assert out.stdout.split() == expand_hostlist("gpu[01-03,07],cpu1")
+
+
+def test_sbatch_script_has_the_job_shape_requeue_and_signal(tmp_path):
+    from longtrain.launch.slurm import sbatch_script
+
+    cfg = load_config(None, ["launch.backend=slurm", "launch.nodes=2", "launch.nproc_per_node=4",
+                             "launch.slurm.gpus_per_node=4", "launch.slurm.partition=gpu", "launch.slurm.account=proj",
+                             "launch.slurm.time=02:00:00", "launch.slurm.signal_seconds=300",
+                             "launch.slurm.extra_sbatch=[--constraint=h100, --exclusive]", f"logging.run_dir={tmp_path}"])
+    text = sbatch_script(cfg, "tiny", ["launch.backend=slurm", "optim.lr=1e-3"])
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --time=02:00:00",
+                 "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300", "#SBATCH --constraint=h100",
+                 "#SBATCH --exclusive", "scontrol requeue", 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1'):
+        assert line in text, line
+    assert "-m longtrain.launch.worker tiny launch.backend=slurm optim.lr=1e-3" in text
+    r = subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_launch_cli_dry_run_prints_the_script(tmp_path):
+    r = subprocess.run(longtrain_cmd("launch", "tiny", "launch.backend=slurm", f"logging.run_dir={tmp_path}",
+                                     "--dry-run"), env=worker_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("#!/bin/bash") and "#SBATCH --requeue" in r.stdout
+    bad = subprocess.run(longtrain_cmd("launch", "tiny", "launch.bakend=slurm"), env=worker_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "Did you mean 'backend'" in bad.stderr
