@@ -1,0 +1,57 @@
+"""``longtrain plan CONFIG [section.key=value ...]``: the memory planner's table for a config.
+
+Owns: the ``plan`` subcommand only (``add_cli`` registers it on the main parser's subparsers);
+the estimates live in ``longtrain.memory.planner``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _plan(ns: argparse.Namespace) -> int:
+    from longtrain.cli import split_config_args
+    from longtrain.config import ConfigError, load_config
+    from longtrain.memory.planner import format_plan, plan, resolve_policy
+
+    config, overrides = split_config_args(ns.args)
+    if ns.gpu_gb is not None:
+        overrides.append(f"memory.gpu_budget_gb={ns.gpu_gb}")
+    if ns.host_gb is not None:
+        overrides.append(f"memory.host_budget_gb={ns.host_gb}")
+    cfg = load_config(config, overrides)
+    p = plan(cfg, ns.world)
+    print(format_plan(cfg, p))
+    if cfg.memory.policy == "auto" or p.chosen is None:
+        try:
+            chosen = resolve_policy(cfg if cfg.memory.policy == "auto" else _as_auto(cfg), ns.world).memory
+        except ConfigError as e:
+            print(f"\nlongtrain plan: {e}")
+            return 1
+        print(f"\nmemory.policy=auto resolves to: recompute={chosen.recompute} "
+              f"recompute_loops={chosen.recompute_loops} offload={chosen.offload} "
+              f"offload_fraction={chosen.offload_fraction:g} tiled_mlp={chosen.tiled_mlp} "
+              f"tiled_loss={chosen.tiled_loss} optimizer_offload={chosen.optimizer_offload}")
+    return 0
+
+
+def _as_auto(cfg):
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.memory.policy = "auto"
+    return out
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan", help="estimate per-GPU memory for a config and pick a memory policy",
+        description="Print per-rank memory estimates (parameters, gradients, optimizer, activations, "
+                    "working and communication buffers) for each memory policy from cheapest to leanest, "
+                    "and the one memory.policy=auto picks. CONFIG is a YAML path or shipped config name.")
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [section.key=value ...]")
+    p.add_argument("--gpu-gb", type=float, default=None, help="GPU budget in GiB (memory.gpu_budget_gb)")
+    p.add_argument("--host-gb", type=float, default=None, help="host budget per rank (memory.host_budget_gb)")
+    p.add_argument("--world", type=int, default=None,
+                   help="world size to resolve parallel.dp_shard=-1 (default launch.nodes*nproc_per_node)")
+    p.set_defaults(func=_plan)
