@@ -16,7 +16,9 @@ copies. ``--planner`` adds the memory planner's estimate beside the measured pea
 
 The record is rewritten after every phase, so a run stopped by its time limit still says how far
 it got. An out-of-memory error on any rank writes ``status: "OOM"`` and exits with code 3 (the
-launcher then stops the other ranks); other failures write ``status: "error"`` and exit 1.
+launcher then stops the other ranks); the planner refusing the length (``memory.policy=auto``,
+"no memory policy fits") writes ``status: "no_fit"`` and exits 3; other failures write
+``status: "error"`` and exit 1.
 
 ``--device cpu --tiny`` shrinks the model and sequence so the whole path runs on a CPU in seconds
 (the smoke test in tests/test_bench_smoke.py).
@@ -139,6 +141,17 @@ def planner_estimate(cfg, dims) -> dict:
         from longtrain.memory import planner
     except Exception as e:  # noqa: BLE001
         return {"available": False, "reason": f"longtrain.memory.planner: {common.short_error(e, 300)}"}
+    if all(hasattr(planner, n) for n in ("estimate", "layout_from", "policy_of")):
+        # the estimate for the policy this run resolved to (setup returned the resolved cfg)
+        try:
+            est = planner.estimate(cfg, planner.layout_from(cfg, dims), planner.policy_of(cfg.memory))
+            return {"available": True, "function": "planner.estimate(cfg, layout_from(cfg, dims), policy_of(cfg.memory))",
+                    "policy": getattr(est.policy, "name", repr(est.policy)),
+                    "peak_gib": est.gpu_total / 2**30, "host_gib": est.host_total / 2**30,
+                    "gpu_terms_gib": {k: v / 2**30 for k, v in est.gpu.items()},
+                    "host_terms_gib": {k: v / 2**30 for k, v in est.host.items()}}
+        except Exception as e:  # noqa: BLE001
+            return {"available": False, "reason": f"planner.estimate: {common.short_error(e, 300)}"}
     for name in _ESTIMATE_NAMES:
         fn = getattr(planner, name, None)
         if not callable(fn):
@@ -349,6 +362,8 @@ def main(argv=None) -> int:
     except BaseException as e:  # noqa: BLE001 - every failure becomes a record
         if isinstance(e, KeyboardInterrupt):
             status = "interrupted"
+        elif "no memory policy fits" in str(e):
+            status = "no_fit"  # the planner refused before anything ran (memory.policy=auto)
         else:
             status = "OOM" if common.is_oom(e) else "error"
         rec.update(status=status, error=common.short_error(e), failed_rank=rank,
@@ -373,7 +388,7 @@ def main(argv=None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         # skip interpreter teardown: a collective peer may be gone, and destroying NCCL can hang
-        os._exit(3 if status == "OOM" else 1)
+        os._exit(3 if status in ("OOM", "no_fit") else 1)
     _shutdown()
     return 0
 

@@ -84,7 +84,7 @@ class ResultWriter:
         """``force``: the first write of a run, replacing a stale file from an earlier run."""
         if not self.enabled:
             return
-        if not force and self.record.get("status") not in ("OOM", "error", "interrupted") \
+        if not force and self.record.get("status") not in ("OOM", "no_fit", "error", "interrupted") \
                 and _failed_elsewhere(self.path):
             return  # another rank already recorded why the run failed; keep that
         write_json_atomic(self.path, self.record)

@@ -87,8 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 
 
+def _gpu_total_gib():
+    """The first GPU's memory from nvidia-smi: this process must not start CUDA (its context
+    would take GPU memory from the trials)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30)
+        return float(out.stdout.split()[0]) / 1024 if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, ValueError, subprocess.SubprocessError, IndexError):
+        return None
+
+
 def planner_start(args) -> tuple:
-    """(tokens or None, how it was obtained)."""
+    """(tokens or None, how it was obtained): the longest length the planner finds a policy for."""
     if args.alst or args.no_planner:
         return None, "not asked"
     try:
@@ -97,13 +108,19 @@ def planner_start(args) -> tuple:
     except Exception as e:  # noqa: BLE001
         return None, f"no planner: {common.short_error(e, 200)}"
     sp = args.sp or args.nproc
+    overrides = [f"parallel.sp={sp}", f"memory.policy={args.policy}", "data.source=synthetic",
+                 "data.batch_size=1", "model.max_seq_len=2147483647"]
+    overrides += [a for a in _passthrough(args) if "=" in a and not a.startswith("-")]
+    if not any(o.startswith("memory.gpu_budget_gb=") for o in overrides):
+        gib = _gpu_total_gib()
+        if gib:
+            overrides.append(f"memory.gpu_budget_gb={gib:.2f}")
     try:
-        overrides = [f"parallel.sp={sp}", f"memory.policy={args.policy}", "data.source=synthetic",
-                     "model.max_seq_len=2147483647"]
-        overrides += [a for a in _passthrough(args) if "=" in a and not a.startswith("-")]
         cfg = load_config(args.config, overrides)
     except Exception as e:  # noqa: BLE001
         return None, f"config: {common.short_error(e, 200)}"
+    if hasattr(planner, "plan"):
+        return _planner_bisect(args, planner, load_config, overrides)
     for name in _MAX_SEQ_NAMES:
         fn = getattr(planner, name, None)
         if not callable(fn):
@@ -119,6 +136,30 @@ def planner_start(args) -> tuple:
             if isinstance(val, (int, float)) and val > 0:
                 return int(val), f"planner.{name}"
     return None, f"planner has none of {list(_MAX_SEQ_NAMES)}"
+
+
+def _planner_bisect(args, planner, load_config, overrides) -> tuple:
+    """Largest multiple of unit x sp for which ``planner.plan(cfg, nproc).chosen`` exists."""
+    q = args.unit * (args.sp or args.nproc)
+
+    def fits(n_units: int) -> bool:
+        cfg = load_config(args.config, overrides + [f"data.seq_len={n_units * q}"])
+        return planner.plan(cfg, args.nproc).chosen is not None
+
+    try:
+        if not fits(1):
+            return None, "planner: even one unit does not fit"
+        lo, hi = 1, 2
+        while hi * q <= args.max_seq and fits(hi):
+            lo, hi = hi, hi * 2
+        if hi * q > args.max_seq:
+            return lo * q, "planner.plan (capped by --max-seq)"
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo * q, "planner.plan"
+    except Exception as e:  # noqa: BLE001
+        return None, f"planner.plan: {common.short_error(e, 200)}"
 
 
 def _passthrough(args) -> list:
@@ -186,6 +227,8 @@ def run_trial(args, seq: int, trial_dir: Path, timeout_s: float) -> dict:
         outcome = "ok"
     elif status == "OOM":
         outcome = "OOM"
+    elif status == "no_fit":
+        outcome = "no_fit"  # longtrain's planner refused the length (memory.policy=auto)
     elif rc in (-9, 137) and status != "ok":
         outcome = "killed"  # host OOM killer, most likely
     else:
