@@ -40,7 +40,10 @@ import socket
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
+
+warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations in torch/transformers: noise here
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 

@@ -261,8 +261,15 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
                world_size=dims.world_size, sp=dims.sp_size, dp=dims.dp_size,
                resolved_memory=dataclasses.asdict(cfg.memory), parallel=dims.describe(),
                local_params=n_params)
+    try:
+        from longtrain.models.attention import describe_backends
+
+        rec["attention_backend"] = describe_backends(cfg.model.attn_backend, dims.device)
+    except Exception:  # noqa: BLE001 - informational
+        pass
     writer.write()
-    common.log(f"setup {setup_s:.1f} s; {dims.describe()}; memory policy: {dataclasses.asdict(cfg.memory)}", rank)
+    common.log(f"setup {setup_s:.1f} s; {dims.describe()}; {rec.get('attention_backend', '')}; "
+               f"memory policy: {dataclasses.asdict(cfg.memory)}", rank)
 
     plan = planner_estimate(cfg, dims) if args.planner else None
     if plan is not None:
@@ -331,8 +338,12 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
     if dims.is_main:
         common.print_profile(prof or {})
         if plan is not None:
-            print(f"[bench] planner estimate {plan.get('peak_gib')} GiB vs measured peak "
-                  f"{rec.get('peak_gpu_mem_gib')} GiB ({plan.get('function') or plan.get('reason')})", flush=True)
+            est, meas = plan.get("peak_gib"), rec.get("peak_gpu_mem_gib")
+            print(f"[bench] planner estimate {'-' if est is None else f'{est:.2f}'} GiB vs measured peak "
+                  f"{'-' if meas is None else f'{meas:.2f}'} GiB (reserved {rec.get('peak_gpu_reserved_gib')}); "
+                  f"{plan.get('policy') or ''} {plan.get('reason') or ''}", flush=True)
+            for k, v in (plan.get("gpu_terms_gib") or {}).items():
+                print(f"    {k:20s} {v:8.2f} GiB", flush=True)
         common.print_table([rec])
     return rec
 
