@@ -261,6 +261,7 @@ CATEGORIES = (
     ("offload_dtoh", re.compile(r"memcpy.*dtoh|memcpy.*device\s*->\s*pinned|memcpy.*device\s*->\s*pageable", re.I)),
     ("offload_htod", re.compile(r"memcpy.*htod|memcpy.*pinned\s*->\s*device|memcpy.*pageable\s*->\s*device", re.I)),
 )
+_NCCL_OP = re.compile(r"nccl(?:Dev)?Kernel_([A-Za-z]+)")
 # a kernel counted as "compute" (for the exposed-communication figure) is anything on the GPU that
 # is neither communication nor a host<->device copy
 _NON_COMPUTE = {"communication", "offload_dtoh", "offload_htod"}
@@ -315,6 +316,7 @@ def summarize_trace(trace_path: str, step_time_s: float) -> dict:
     per_cat: dict = {}
     intervals: dict = {}
     top: dict = {}
+    comm_ops: dict = {}  # SendRecv = all-to-all (Ulysses); AllGather/ReduceScatter = FSDP/ZeRO-3
     n = 0
     for ev in events:
         if ev.get("ph") != "X":
@@ -331,6 +333,10 @@ def summarize_trace(trace_path: str, step_time_s: float) -> dict:
         intervals.setdefault(c, []).append((ts, ts + dur))
         key = name[:120]
         top[key] = top.get(key, 0.0) + dur
+        if c == "communication":
+            op = _NCCL_OP.search(name)
+            op = op.group(1) if op else "other"
+            comm_ops[op] = comm_ops.get(op, 0.0) + dur
     union = {c: _union(iv) for c, iv in intervals.items()}
     compute = _union([x for c, iv in union.items() if c not in _NON_COMPUTE for x in iv])
     comm = union.get("communication", [])
@@ -350,6 +356,7 @@ def summarize_trace(trace_path: str, step_time_s: float) -> dict:
         "kernel_time_s": {c: per_cat.get(c, 0.0) for c in cats},
         "kernel_time_union_s": {c: _length(union.get(c, [])) for c in cats},
         "share_of_step": {c: share(per_cat.get(c, 0.0)) for c in cats},
+        "communication_by_op_s": comm_ops,
         "exposed_communication_s": exposed_comm,
         "exposed_communication_share": share(exposed_comm),
         "top_kernels": sorted(({"name": k, "s": v} for k, v in top.items()), key=lambda d: -d["s"])[:15],
@@ -458,6 +465,9 @@ def print_profile(prof: dict) -> None:
         u = prof["kernel_time_union_s"][c]
         print(f"    {c:14s} {v:8.3f} s  {u:8.3f} s  {100 * v / st if st else 0:6.1f}%", flush=True)
     print(f"    exposed communication (not overlapped by compute): {prof['exposed_communication_s']:.3f} s", flush=True)
+    if prof.get("communication_by_op_s"):
+        print("    NCCL by operation: " + ", ".join(f"{k} {v:.3f} s" for k, v in
+                                                   sorted(prof["communication_by_op_s"].items())), flush=True)
     for k in prof.get("top_kernels", [])[:8]:
         print(f"      {k['s']:8.3f} s  {k['name']}", flush=True)
 

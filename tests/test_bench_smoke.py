@@ -92,6 +92,7 @@ def test_profile_summary_sums_categories_and_exposed_communication(tmp_path):
     # the all-gather (4-6 ms) overlaps the gemm (3-5 ms) for 1 ms: 1 ms exposed
     assert s["exposed_communication_s"] == pytest.approx(0.001)
     assert s["gpu_busy_s"] == pytest.approx(0.0075)
+    assert s["communication_by_op_s"] == {"AllGather": pytest.approx(0.002)}
 
 
 def test_search_doubles_then_bisects_to_one_unit():
