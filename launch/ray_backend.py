@@ -1,0 +1,204 @@
+"""``launch.backend=ray``: the workers as Ray actors in one placement group, one torch.distributed job.
+
+Owns: ``launch_ray(cfg, config, overrides)``, the driver. The idea:
+
+1. Connect to ``launch.ray.address`` (``auto``, ``ray://head:10001``) or start a local cluster.
+2. Reserve one bundle per worker -- ``{CPU: cpus_per_worker, GPU: gpus_per_worker}`` -- in a
+   placement group (``launch.ray.strategy``: PACK fills few nodes, SPREAD uses many), so a job
+   either gets all of its workers or waits; it never half-starts.
+3. Start one actor per bundle. Rank 0's actor reports its node IP and a free port there: that is
+   MASTER_ADDR:MASTER_PORT. Ranks follow bundle order; local ranks count actors on the same
+   node. Each actor sets torchrun's variables and calls ``longtrain.launch.worker.run_worker``
+   in its own process -- the same code path as the other backends.
+4. Wait with ``ray.wait``: the first actor that dies or raises ends the attempt (the others would
+   otherwise sit in a collective until its timeout). Every actor of the attempt is then killed
+   and, while ``launch.max_restarts`` allows, a fresh group starts; the workers resume from the
+   newest checkpoint by themselves. Fresh processes mean no stale process group survives.
+5. Each actor returns the training function's result dict; the driver prints rank 0's and
+   returns it.
+
+GPUs: Ray gives each actor CUDA_VISIBLE_DEVICES with only its own GPU. Co-located workers get
+the union of their node's GPUs instead and LOCAL_RANK points at their own, so device
+``cuda:LOCAL_RANK`` (what the mesh uses) is the GPU Ray assigned -- and NCCL sees its peers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Optional
+
+from longtrain.config import Config, ConfigError
+
+_ACTOR_CLASS = None
+
+
+class TrainWorker:
+    """One rank. Created as a Ray actor (``ray.remote(TrainWorker)``), one per placement bundle."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __repr__(self) -> str:  # Ray prefixes the actor's log lines with this
+        return f"rank{self.rank}"
+
+    def describe(self) -> dict:
+        import ray
+
+        from longtrain.launch.env import free_port
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "gpus": [str(g) for g in ray.get_gpu_ids()], "free_port": free_port()}
+
+    def run(self, env: dict, config: Optional[str], overrides: list[str]) -> dict:
+        os.environ.update(env)
+        import torch
+
+        torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+        from longtrain.launch.worker import run_worker
+
+        try:
+            return {"ok": True, "result": run_worker(config, overrides)}
+        except SystemExit as e:  # a checkpoint-and-stop request (exit code 85) or sys.exit in the entry
+            return {"ok": False, "exit_code": e.code}
+
+
+def _actor_class():
+    global _ACTOR_CLASS
+    if _ACTOR_CLASS is None:
+        import ray
+
+        _ACTOR_CLASS = ray.remote(max_restarts=0)(TrainWorker)
+    return _ACTOR_CLASS
+
+
+def _connect(cfg: Config) -> bool:
+    """ray.init as configured; True when this process started the cluster (and should stop it)."""
+    import ray
+
+    rc = cfg.launch.ray
+    if ray.is_initialized():
+        return False
+    env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+    if rc.address:
+        # a remote cluster's workers need this checkout on their path too (or longtrain installed)
+        ray.init(address=rc.address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+        return False
+    ray.init(num_cpus=rc.num_cpus or None, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def _reserve(cfg: Config, n: int):
+    import ray
+    from ray.util.placement_group import placement_group
+
+    rc = cfg.launch.ray
+    bundle = {"CPU": rc.cpus_per_worker}
+    if rc.gpus_per_worker:
+        bundle["GPU"] = rc.gpus_per_worker
+    pg = placement_group([dict(bundle) for _ in range(n)], strategy=rc.strategy, name="longtrain")
+    try:
+        ray.get(pg.ready(), timeout=rc.placement_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        from ray.util.placement_group import remove_placement_group
+
+        remove_placement_group(pg)
+        raise ConfigError(
+            f"Ray could not reserve {n} bundles of {bundle} with strategy {rc.strategy} within "
+            f"{rc.placement_timeout_s:.0f}s; the cluster has {ray.cluster_resources()}. Lower "
+            f"launch.nodes x launch.nproc_per_node or launch.ray.cpus_per_worker/gpus_per_worker, or add "
+            f"nodes.") from None
+    return pg
+
+
+def _worker_envs(infos: list[dict], attempt: int, cfg: Config) -> list[dict]:
+    """torchrun's variables per rank from what the actors reported (bundle order = rank order)."""
+    master = infos[0]
+    by_node: dict[str, list[int]] = {}
+    for rank, info in enumerate(infos):
+        by_node.setdefault(info["ip"], []).append(rank)
+    threads = max(1, int(cfg.launch.ray.cpus_per_worker))
+    envs = []
+    for rank, info in enumerate(infos):
+        peers = by_node[info["ip"]]
+        env = {"RANK": str(rank), "WORLD_SIZE": str(len(infos)), "LOCAL_RANK": str(peers.index(rank)),
+               "LOCAL_WORLD_SIZE": str(len(peers)), "GROUP_RANK": str(list(by_node).index(info["ip"])),
+               "MASTER_ADDR": master["ip"], "MASTER_PORT": str(master["free_port"]),
+               "LONGTRAIN_ATTEMPT": str(attempt), "OMP_NUM_THREADS": str(threads)}
+        node_gpus = sorted({g for r in peers for g in infos[r]["gpus"]}, key=lambda g: (len(g), g))
+        if node_gpus and len(info["gpus"]) == 1:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(node_gpus)
+            env["LOCAL_RANK"] = str(node_gpus.index(info["gpus"][0]))
+        envs.append(env)
+    return envs
+
+
+def _run_attempt(cfg: Config, pg, n: int, attempt: int, config, overrides, loopback: bool) -> tuple[bool, Any]:
+    """Start n actors, run them to the end or the first failure, kill them. (ok, results or error)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    rc = cfg.launch.ray
+    cls = _actor_class()
+    actors = [cls.options(num_cpus=rc.cpus_per_worker, num_gpus=rc.gpus_per_worker,
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
+              .remote(i) for i in range(n)]
+    try:
+        infos = ray.get([a.describe.remote() for a in actors])
+        node_ip = {nd["NodeID"]: nd["NodeManagerAddress"] for nd in ray.nodes()}  # as the cluster knows them
+        for info in infos:
+            # a cluster of this machine only (started here): rendezvous on the loopback interface
+            info["ip"] = "127.0.0.1" if loopback else node_ip[info["node_id"]]
+        envs = _worker_envs(infos, attempt, cfg)
+        print(f"[longtrain] ray: attempt {attempt}: {n} workers, master {envs[0]['MASTER_ADDR']}:"
+              f"{envs[0]['MASTER_PORT']}, pids {[i['pid'] for i in infos]}", flush=True)
+        refs = [a.run.remote(env, config, overrides) for a, env in zip(actors, envs)]
+        rank_of = {ref: r for r, ref in enumerate(refs)}
+        results: dict[int, dict] = {}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ref = done[0]
+            try:
+                out = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                return False, f"rank {rank_of[ref]} failed: {type(e).__name__}: {str(e).splitlines()[0]}"
+            if not out.get("ok"):
+                return False, f"rank {rank_of[ref]} exited with code {out.get('exit_code')}"
+            results[rank_of[ref]] = out["result"]
+        return True, [results[r] for r in range(n)]
+    finally:
+        for a in actors:  # the whole group goes, healthy ranks too: they cannot continue without the others
+            ray.kill(a, no_restart=True)
+
+
+def launch_ray(cfg: Config, config: Optional[str], overrides: list[str]) -> Optional[dict]:
+    """Run the job on Ray; rank 0's result dict, or None when it failed after every restart."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    lc = cfg.launch
+    n = lc.nodes * lc.nproc_per_node
+    started = _connect(cfg)
+    try:
+        pg = _reserve(cfg, n)
+        try:
+            for attempt in range(lc.max_restarts + 1):
+                t0 = time.monotonic()
+                ok, out = _run_attempt(cfg, pg, n, attempt, config, overrides, loopback=started)
+                if ok:
+                    print("[longtrain] ray: done; rank 0 result: " + json.dumps(out[0], default=str), flush=True)
+                    return out[0]
+                more = attempt < lc.max_restarts
+                print(f"[longtrain] ray: attempt {attempt} ended after {time.monotonic() - t0:.0f}s: {out}; "
+                      + (f"restarting the group from the newest checkpoint ({attempt + 1} of {lc.max_restarts})"
+                         if more else f"giving up after {lc.max_restarts} restart(s)"),
+                      file=sys.stderr, flush=True)
+            return None
+        finally:
+            remove_placement_group(pg)
+    finally:
+        if started:
+            ray.shutdown()
