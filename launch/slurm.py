@@ -104,7 +104,7 @@ trap on_usr1 USR1
 
 attempt=0
 while :; do
-  LONGTRAIN_ATTEMPT=$attempt srun --kill-on-bad-exit=1 --ntasks-per-node={lc.nproc_per_node} {cmd} &
+  LONGTRAIN_ATTEMPT=$attempt srun --label --kill-on-bad-exit=1 --ntasks-per-node={lc.nproc_per_node} {cmd} &
   srun_pid=$!
   while :; do  # `wait` returns early when a trapped signal arrives; wait again until srun is gone
     wait "$srun_pid"; rc=$?
