@@ -214,14 +214,20 @@ def mark_checkpoint_inputs(model, ds_ctx) -> int:
     offloaded (seen here: ``marked_tensors`` > 0, ``offloaded_tensors`` = 0). Marking the first
     argument of each layer's checkpoint function instead marks exactly what the checkpoint saves,
     with any transformers version. Returns the number of layers wrapped."""
+    try:
+        from transformers import GradientCheckpointingLayer as layer_type
+    except ImportError:
+        layer_type = object
     n = 0
     for mod in model.modules():
+        if not isinstance(mod, layer_type):
+            continue
         fn = getattr(mod, "_gradient_checkpointing_func", None)
         if fn is None or getattr(fn, "_bench_marks", False):
             continue
 
         def marking(function, *args, _orig=fn, **kwargs):
-            if args and hasattr(args[0], "data_ptr") and ds_ctx in _active_managers():
+            if args and hasattr(args[0], "data_ptr") and _is_active(ds_ctx):
                 ds_ctx.mark(args[0])
             return _orig(function, *args, **kwargs)
 
@@ -231,13 +237,15 @@ def mark_checkpoint_inputs(model, ds_ctx) -> int:
     return n
 
 
-def _active_managers() -> list:
-    from deepspeed.runtime.activation_checkpointing import offload_activations as oa
-
+def _is_active(ds_ctx) -> bool:
+    """Whether ``ds_ctx`` is the manager in use (a private helper of DeepSpeed; if it moved,
+    assume so: the layers run only inside the step, which always enters the manager)."""
     try:
-        return list(oa._manager_stack())
-    except Exception:  # noqa: BLE001 - private helper moved: mark unconditionally inside the step
-        return []
+        from deepspeed.runtime.activation_checkpointing import offload_activations as oa
+
+        return ds_ctx in list(oa._manager_stack())
+    except Exception:  # noqa: BLE001
+        return True
 
 
 def _sdpa_ctx(name: str):
