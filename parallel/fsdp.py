@@ -38,7 +38,10 @@ def mixed_precision(cfg, device: torch.device) -> MixedPrecisionPolicy:
 def fsdp_mesh(dims):
     """The mesh FSDP shards and replicates over (1-D, or 2-D for HSDP)."""
     if dims.dp_replicate > 1:
-        return dims.get_mesh(("dp_replicate", "dp_shard_sp"))
+        # (dp_replicate, dp_shard_sp) as one 2-D mesh: unflattened from the dp_sp view, because
+        # slicing a flattened dim together with a root dim out of the root mesh is deprecated
+        return dims.get_mesh("dp_sp")._unflatten(
+            0, (dims.dp_replicate, dims.size("dp_shard_sp")), ("hsdp_replicate", "hsdp_shard"))
     return dims.get_mesh("dp_shard_sp")
 
 

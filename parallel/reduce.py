@@ -81,9 +81,10 @@ def grad_norm(parameters: Iterable[torch.Tensor], dims: ParallelDims | None = No
         if isinstance(n, DTensor):
             n = n.full_tensor()
         norms.append(n.float())
-    if not norms:
-        return torch.zeros((), device=dims.device if dims is not None else "cpu")
-    total = torch.linalg.vector_norm(torch.stack(norms), ord=norm_type)
+    if norms:
+        total = torch.linalg.vector_norm(torch.stack(norms), ord=norm_type)
+    else:  # no gradients here (e.g. a stage that got none) -- still join the pp reduction below
+        total = torch.zeros((), device=dims.device if dims is not None else "cpu")
     if dims is not None and dims.pp > 1:
         if norm_type == float("inf"):
             total = _all_reduce(total, dims, "pp", dist.ReduceOp.MAX)

@@ -185,6 +185,7 @@ LAYOUTS = {
     "tp2_sp2": (LLAMA, {"tp": 2, "sp": 2}, 4),
     "dp_shard2_sp2": (LLAMA, {"dp_shard": 2, "sp": 2}, 4),
     "dp_replicate2_dp_shard2": (LLAMA, {"dp_replicate": 2, "dp_shard": 2}, 4),
+    "dp_replicate2_tp2": (LLAMA, {"dp_replicate": 2, "tp": 2}, 4),  # HSDP (shard size 1) x TP
     "looped_lora_concat_tp2_sp2": (LOOPED, {"tp": 2, "sp": 2}, 4),
 }
 
