@@ -82,6 +82,7 @@ def train(cfg: Config) -> dict:
     ckpt = Checkpointer(cfg, dims, run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                         loader=loader, state=state)
     ckpt.maybe_resume()
+    ckpt.install_signal_handlers()  # SIGUSR1/SIGTERM: save, exit 85; launchers requeue or restart
     guard = StepGuard(cfg, dims.is_main)
     sched = cfg.schedule
     looped = cfg.model.arch == "looped"
