@@ -15,6 +15,7 @@ import contextlib
 import torch
 
 from longtrain.models.llama import IGNORE_INDEX
+from longtrain.parallel.reduce import all_reduce_sum
 
 
 def _autocast(cfg, device: torch.device):
@@ -38,7 +39,7 @@ def count_tokens(batches: list[dict], dims) -> torch.Tensor:
     """Real tokens in the global batch of this step (a float64 scalar, identical on all ranks)."""
     n = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
     t = torch.tensor(float(n), dtype=torch.float64, device=dims.device)
-    return dims.all_reduce_sum(t, over="loss")
+    return all_reduce_sum(t, dims)
 
 
 def forward_backward(model, batches: list[dict], dims, cfg, n_loops: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +48,7 @@ def forward_backward(model, batches: list[dict], dims, cfg, n_loops: int | None)
     if dims.pp > 1:  # the pipeline schedule runs every micro-batch's forward and backward
         with _autocast(cfg, dims.device):
             loss_sum = model.step(batches, n_global)  # parallel.pipeline.PipelineModel; loops fixed
-        return dims.all_reduce_sum(loss_sum, over="loss") / n_global.clamp(min=1), n_global
+        return all_reduce_sum(loss_sum, dims) / n_global.clamp(min=1), n_global
     extra = {"n_loops": n_loops} if n_loops is not None else {}
     loss_sum = torch.zeros((), dtype=torch.float64, device=dims.device)
     for batch in batches:
@@ -55,7 +56,7 @@ def forward_backward(model, batches: list[dict], dims, cfg, n_loops: int | None)
             local = model(**model_kwargs(batch, dims.device), labels=batch["labels"].to(dims.device), **extra)
         (local / n_global.clamp(min=1).to(local.dtype)).backward()
         loss_sum += local.detach().double()
-    loss = dims.all_reduce_sum(loss_sum, over="loss") / n_global.clamp(min=1)
+    loss = all_reduce_sum(loss_sum, dims) / n_global.clamp(min=1)
     return loss, n_global
 
 
@@ -75,6 +76,6 @@ def evaluate(model, loader, dims, cfg, n_batches: int) -> float:
                 total += model(**model_kwargs(batch, dims.device), labels=batch["labels"].to(dims.device)).double()
         count += float((batch["labels"] != IGNORE_INDEX).sum())
     model.train(was_training)
-    total = dims.all_reduce_sum(total, over="loss")
-    count = dims.all_reduce_sum(count, over="loss")
+    total = all_reduce_sum(total, dims)
+    count = all_reduce_sum(count, dims)
     return float(total / count.clamp(min=1))
