@@ -149,3 +149,37 @@ def test_bad_recompute_layers_entry_names_the_setting():
     with pytest.raises(ConfigError, match="recompute_loops"):
         cfg = make_cfg("llama", recompute_loops=True)
         apply_activation_memory(build_model(cfg.model), cfg)
+
+
+def test_offload_and_recompute_handle_dtensor_activations_and_weights():
+    """TP/FSDP leave DTensors in the blocks; the offload moves their local shards and rebuilds them."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    from longtrain.memory.offload import ActivationOffloader
+    from longtrain.memory.recompute import checkpointed
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(0)
+        w, x = torch.randn(64, 64), torch.randn(2, 32, 64)
+        off = ActivationOffloader(1.0, 0.5, min_numel=16)
+        grads = []
+        for dt in (False, True):
+            W = torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)]) if dt else w.clone())
+            xx = (distribute_tensor(x.clone(), mesh, [Replicate()]) if dt else x.clone()).requires_grad_()
+            fn = off.wrap(checkpointed(lambda a: torch.tanh(a @ W.t()) @ W, "full"))
+            fn(fn(xx * 1.5)).sum().backward()
+            grads.append(W.grad.full_tensor() if isinstance(W.grad, DTensor) else W.grad)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+        assert off.stats["packed"] == 4 and off.pool.in_use == 0
+    finally:
+        dist.destroy_process_group()
