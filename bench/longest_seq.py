@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="auto", help="longtrain memory.policy for the trials")
     p.add_argument("--unit", type=parse_seq_len, default=16384, help="granularity in tokens (x sp)")
     p.add_argument("--start", type=parse_seq_len, default=None,
-                   help="first length tried when no planner estimate (default 64K x nproc)")
+                   help="first length tried (default: the planner's estimate for longtrain, else 64K x nproc)")
     p.add_argument("--no-planner", action="store_true", help="ignore the planner's estimate")
     p.add_argument("--grow", type=float, default=0.0, help="growth factor while passing (0: 2, or 1.25 from a planner start)")
     p.add_argument("--max-seq", type=parse_seq_len, default=parse_seq_len("16M"))
@@ -100,8 +100,10 @@ def _gpu_total_gib():
 
 def planner_start(args) -> tuple:
     """(tokens or None, how it was obtained): the longest length the planner finds a policy for."""
-    if args.alst or args.no_planner:
-        return None, "not asked"
+    if args.alst or args.no_planner or args.start is not None:
+        return None, "not asked (--alst, --no-planner or --start)"
+    if "--tiny" in _passthrough(args):
+        return None, "not used with --tiny (the planner would see the full shape)"
     try:
         from longtrain.config import load_config
         from longtrain.memory import planner
