@@ -11,8 +11,9 @@ Checkpointer resumes from the newest complete checkpoint (``checkpoint.resume: a
 restarted worker that was told ``checkpoint.resume=none`` is switched to ``auto``: starting a
 restarted job from scratch would silently throw its progress away.
 
-Preemption: SIGUSR1 asks the workers to write a checkpoint at the next step and stop (see
-``_install_preemption_handler``); the launcher (the Slurm batch script) then requeues the job.
+Preemption: the Checkpointer (installed by ``train``) turns SIGUSR1 or SIGTERM into "save at the
+next step all ranks agree on, then exit with code 85"; the launcher (the Slurm batch script)
+then requeues the job. The exit code passes through this entry point unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import signal
 import sys
 from typing import Callable, Optional
 
@@ -55,27 +55,9 @@ def load_worker_config(config: Optional[str], overrides: list[str], wenv: Worker
     return cfg
 
 
-def _install_preemption_handler() -> None:
-    """SIGUSR1 -> the Checkpointer saves at the next step boundary and the loop stops.
-
-    The flag is set from the signal handler and agreed on by all ranks inside the Checkpointer
-    (a rank that got the signal one step later must still save at the same step), so the handler
-    itself only records the request.
-    """
-    def on_usr1(signum, frame):  # noqa: ARG001 - signal handler signature
-        from longtrain.trainer import checkpoint
-
-        checkpoint.request_save(stop=True)
-        print(f"[longtrain] rank {os.environ.get('RANK', '?')}: SIGUSR1 -> checkpoint and stop", flush=True)
-
-    signal.signal(signal.SIGUSR1, on_usr1)
-
-
-def run_worker(config: Optional[str], overrides: list[str], handle_preemption: bool = True) -> dict:
+def run_worker(config: Optional[str], overrides: list[str]) -> dict:
     """Normalise the environment, load the config, train; return the training function's result."""
     wenv = normalize_env()
-    if handle_preemption:
-        _install_preemption_handler()
     cfg = load_worker_config(config, overrides, wenv)
     if wenv.rank == 0:
         print(f"[longtrain] worker {wenv.describe()}", flush=True)

@@ -23,7 +23,11 @@ TINY = ["model.arch=llama", "model.dim=32", "model.n_layers=2", "model.n_heads=2
         "checkpoint.async_save=false"]
 
 
-def tiny_overrides(run_dir: Path, steps: int, every: int, *extra: str) -> list[str]:
+# The run every resume test repeats: long enough (~5 s of steps on 2 cores) that a kill lands mid-run.
+STEPS, EVERY = 240, 40
+
+
+def tiny_overrides(run_dir: Path, steps: int = STEPS, every: int = EVERY, *extra: str) -> list[str]:
     return [*TINY, f"schedule.steps={steps}", f"checkpoint.every_steps={every}", f"logging.run_dir={run_dir}",
             *extra]
 
@@ -40,13 +44,36 @@ def longtrain_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "longtrain.cli", *args]
 
 
-def final_loss(run_dir: Path) -> float:
-    """The last logged training loss of a run (metrics.jsonl)."""
+def final_loss(run_dir: Path) -> tuple[int, float]:
+    """(step, loss) of the last logged training step of a run (metrics.jsonl)."""
     import json
 
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-              if '"loss"' in line]
-    return losses[-1]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    return rows[-1]["step"], rows[-1]["loss"]
+
+
+def latest_checkpoint_step(run_dir: Path) -> int:
+    """The step of the newest committed checkpoint (0 when there is none yet)."""
+    latest = run_dir / "checkpoints" / "latest"
+    try:
+        return int(latest.read_text().strip().rsplit("-", 1)[-1])
+    except (OSError, ValueError):
+        return 0
+
+
+def run_launch(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    r = subprocess.run(longtrain_cmd("launch", *args), env=worker_env(), capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, f"longtrain launch failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory) -> tuple[int, float]:
+    """(step, loss) at the end of the undisturbed 2-worker run (local backend) the resume tests match."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    run_launch("launch.backend=local", "launch.nproc_per_node=2", *tiny_overrides(run_dir))
+    return final_loss(run_dir)
 
 
 def metrics_steps(run_dir: Path) -> list[int]:
