@@ -23,8 +23,8 @@ TINY = ["model.arch=llama", "model.dim=32", "model.n_layers=2", "model.n_heads=2
         "checkpoint.async_save=false"]
 
 
-# The run every resume test repeats: long enough (~5 s of steps on 2 cores) that a kill lands mid-run.
-STEPS, EVERY = 240, 40
+# The run every resume test repeats: long enough (~4 s of steps on 2 cores) that a kill lands mid-run.
+STEPS, EVERY = 120, 30
 
 
 def tiny_overrides(run_dir: Path, steps: int = STEPS, every: int = EVERY, *extra: str) -> list[str]:
@@ -68,12 +68,21 @@ def run_launch(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return r
 
 
+_REFERENCE: dict = {}
+
+
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory) -> tuple[int, float]:
-    """(step, loss) at the end of the undisturbed 2-worker run (local backend) the resume tests match."""
-    run_dir = tmp_path_factory.mktemp("reference")
-    run_launch("launch.backend=local", "launch.nproc_per_node=2", *tiny_overrides(run_dir))
-    return final_loss(run_dir)
+    """(step, loss) at the end of the undisturbed 2-worker run (local backend) the resume tests match.
+
+    Each test module imports this fixture, which pytest counts as one fixture per module; the
+    cache makes it one run per session.
+    """
+    if "result" not in _REFERENCE:
+        run_dir = tmp_path_factory.mktemp("reference")
+        run_launch("launch.backend=local", "launch.nproc_per_node=2", *tiny_overrides(run_dir))
+        _REFERENCE["result"] = final_loss(run_dir)
+    return _REFERENCE["result"]
 
 
 def metrics_steps(run_dir: Path) -> list[int]:
