@@ -46,6 +46,17 @@ class LoopLoRA(nn.Module):
         return (x @ self.A[i].t().to(x.dtype)) @ self.B[i].t().to(x.dtype) * self.scale
 
 
+class _LoRAHook:
+    """Adds iteration ``core.loop_index``'s delta to a core linear layer's output. An object, not a
+    closure, so ``copy.deepcopy`` of the model re-points it at the copied core."""
+
+    def __init__(self, core: "LoopedCore", key: str):
+        self.core, self.key = core, key
+
+    def __call__(self, module, args, output):
+        return output + self.core.lora[self.key].delta(args[0], self.core.loop_index)
+
+
 class LoopedCore(nn.Module):
     """The shared block of ``n_core`` layers; ``forward(x, i, ...)`` runs iteration ``i``."""
 
@@ -61,13 +72,7 @@ class LoopedCore(nn.Module):
                     key = f"{j}_{target.replace('.', '_')}"
                     self.lora[key] = LoopLoRA(lin.in_features, lin.out_features, cfg.loops_max,
                                               cfg.lora_rank, cfg.lora_alpha)
-                    lin.register_forward_hook(self._lora_hook(key))
-
-    def _lora_hook(self, key: str):
-        def hook(module, args, output):
-            return output + self.lora[key].delta(args[0], self.loop_index)
-
-        return hook
+                    lin.register_forward_hook(_LoRAHook(self, key))
 
     def forward(self, x, i: int, cos, sin, doc_ids=None):
         self.loop_index = i

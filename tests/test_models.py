@@ -134,3 +134,20 @@ def test_rope_scaling_variants_change_frequencies_as_configured():
     assert torch.allclose(l3[:4], b3[:4]) and torch.allclose(l3[-4:], b3[-4:] / 8)  # high freq kept, low scaled
     _, mscale = rope_inv_freq(64, 10000.0, RopeScalingConfig(type="yarn", factor=4.0, original_max_position=128))
     assert mscale > 1.0
+
+
+def test_deepcopy_of_looped_model_with_lora_uses_its_own_lora_tables():
+    import copy
+
+    torch.manual_seed(0)
+    m = Looped(tiny("looped", lora_rank=2, loops=2))
+    twin = copy.deepcopy(m)
+    with torch.no_grad():
+        for lora in twin.core.lora.values():
+            lora.B.normal_()
+    x = torch.randint(0, 97, (1, 8))
+    assert (twin(x) - m(x)).abs().max() > 1e-3  # the copy's LoRA changed, the original's did not
+    with torch.no_grad():
+        for name, lora in twin.core.lora.items():
+            m.core.lora[name].B.copy_(lora.B)
+    torch.testing.assert_close(twin(x), m(x))

@@ -58,7 +58,8 @@ def setup(cfg: Config):
 
         cfg = resolve_policy(cfg, dims)
     torch.manual_seed(cfg.schedule.seed)  # same initial weights on every rank
-    model = build_model(cfg.model).to(dims.device)
+    with torch.device(dims.device):  # initialise where it runs: an 8B model in seconds on a GPU
+        model = build_model(cfg.model)
     model = build_pipeline(model, dims, cfg) if dims.pp > 1 else parallelize(model, dims, cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_lr_scheduler(optimizer, cfg.schedule)
