@@ -144,11 +144,11 @@ if [ "$changed" = 1 ] || [ "$FORCE_RESTART" = 1 ]; then
 fi
 if ! daemon_alive /run/slurmctld.pid; then
   say "starting slurmctld on $HOST"
-  slurmctld || give_up "slurmctld did not start (see /var/log/slurm/slurmctld.log)"
+  slurmctld 2>>/var/log/slurm/slurmctld.log || give_up "slurmctld did not start (see /var/log/slurm/slurmctld.log)"
 fi
 if ! daemon_alive /run/slurmd.pid; then
   say "starting slurmd on $HOST ($NCPU CPUs)"
-  slurmd || give_up "slurmd did not start (see /var/log/slurm/slurmd.log)"
+  slurmd 2>>/var/log/slurm/slurmd.log || give_up "slurmd did not start (see /var/log/slurm/slurmd.log)"
 fi
 
 for _ in $(seq 100); do
