@@ -60,6 +60,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
 
+# a single process saves and loads without a process group on purpose; DCP warns about it each time
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
 STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 LATEST = "latest"
 FORMAT_VERSION = 1
@@ -386,9 +389,9 @@ class Checkpointer:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flags = [bool(x) for x in t.tolist()]
         on_demand, exit_after = flags
+        self._save_requested = self._exit_requested = False
         if due or on_demand:
             self.save(sync=exit_after or not self.ccfg.async_save)
-            self._save_requested = False
         if exit_after:
             self.wait()
             if self.is_main:
