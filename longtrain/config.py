@@ -212,16 +212,25 @@ class ScheduleConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Sharded checkpoints (``longtrain.trainer.checkpoint``) and Hugging Face import.
+
+    Saves go to ``<dir>/step-N/`` (written as ``step-N.tmp/``, renamed when complete, then named
+    in ``<dir>/latest``). ``resume``: ``auto`` = the newest complete checkpoint in ``dir`` (a
+    damaged one is skipped with a warning), ``none`` = start fresh, or a path to a step
+    directory / checkpoint directory (an error if it cannot be used).
+    """
+
     dir: str = ""  # "" = <run_dir>/checkpoints
     every_steps: int = 0  # 0 = only at the end / on signal
-    every_seconds: float = 0.0
+    every_seconds: float = 0.0  # also save when this long has passed since the last save; 0 = off
     keep_last: int = 2
     keep_every: int = 0  # additionally keep every K-th step; 0 = off
     resume: str = "auto"  # auto | none | path to a step directory
-    async_save: bool = True
+    async_save: bool = True  # write in a background thread while training continues
     save_final: bool = True
-    init_from_hf: str = ""  # local Hugging Face directory with safetensors
+    init_from_hf: str = ""  # local Hugging Face Llama directory (config.json + safetensors); used when not resuming
     on_save_error: Literal["continue", "stop"] = "continue"
+    max_rollbacks: int = 3  # optim.on_nonfinite=rollback: reloads of one checkpoint before giving up
 
 
 @dataclass
@@ -319,7 +328,7 @@ _NON_NEGATIVE = {
     "model.n_prelude", "model.n_coda", "model.backprop_loops", "model.lora_rank",
     "optim.weight_decay", "optim.grad_clip", "schedule.steps", "schedule.warmup_steps",
     "schedule.eval_every", "memory.tiled_mlp", "memory.tiled_loss", "memory.offload_prefetch", "checkpoint.every_steps",
-    "checkpoint.keep_every", "launch.max_restarts", "launch.master_port", "launch.ray.num_cpus",
+    "checkpoint.keep_every", "checkpoint.every_seconds", "checkpoint.max_rollbacks", "launch.max_restarts", "launch.master_port", "launch.ray.num_cpus",
     "launch.ray.cpus_per_worker", "launch.ray.gpus_per_worker", "launch.slurm.gpus_per_node",
     "launch.slurm.signal_seconds", "optim.spike_factor", "memory.gpu_budget_gb",
 }

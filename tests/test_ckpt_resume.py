@@ -83,3 +83,26 @@ def test_resume_equals_uninterrupted_single_process(tmp_path):
 
 def test_resume_equals_uninterrupted_two_ranks_dp_shard(tmp_path):
     check(tmp_path, 2)
+
+
+def test_rollback_in_the_loop_reloads_the_last_checkpoint_and_finishes(tmp_path, capsys):
+    from longtrain.config import load_config
+    from longtrain.trainer import guard
+    from longtrain.trainer.train import train
+
+    orig, fired = guard.StepGuard.accept, []
+
+    def accept(self, state, loss, grad_norm):
+        if state.step == 4 and not fired:  # as if step 5's loss were NaN
+            fired.append(True)
+            raise guard.RollbackRequested(f"step {state.step}: non-finite loss=nan")
+        return orig(self, state, loss, grad_norm)
+
+    guard.StepGuard.accept = accept
+    try:
+        result = train(load_config(None, overrides(tmp_path, 1) + ["optim.on_nonfinite=rollback",
+                                                                   "checkpoint.async_save=false"]))
+    finally:
+        guard.StepGuard.accept = orig
+    assert fired and result["step"] == STEPS
+    assert "rolled back to step-3" in capsys.readouterr().out

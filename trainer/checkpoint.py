@@ -439,7 +439,7 @@ class Checkpointer:
                 pass
         self._signals_installed = []
 
-    def rollback(self, reason: str = "", max_per_checkpoint: int = 3) -> Path:
+    def rollback(self, reason: str = "") -> Path:
         """Reload the newest complete checkpoint after a bad step (``optim.on_nonfinite=rollback``).
 
         Everything is restored except the data position: the loader keeps going, so the batches
@@ -452,10 +452,12 @@ class Checkpointer:
                                   f"{self.root} yet; set checkpoint.every_steps so one is written, or use "
                                   f"optim.on_nonfinite=skip.")
         path = dirs[-1][1]
+        max_per_checkpoint = self.ccfg.max_rollbacks
         n = self._rollbacks.get(str(path), 0) + 1
         if n > max_per_checkpoint:
             raise CheckpointError(f"{reason}: rolled back to {path} {n - 1} times already and the run keeps "
-                                  f"diverging; lower optim.lr or inspect the data after step {dirs[-1][0]}.")
+                                  f"diverging (checkpoint.max_rollbacks={max_per_checkpoint}); lower optim.lr or "
+                                  f"inspect the data after step {dirs[-1][0]}.")
         self._rollbacks[str(path)] = n
         self.load(path, restore_data=False)
         if self.is_main:
