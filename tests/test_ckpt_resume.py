@@ -28,7 +28,7 @@ class Crash(RuntimeError):
     pass
 
 
-def run(run_dir: str, world: int, crash: bool) -> None:
+def run(run_dir: str, world: int, crash: bool, extra: tuple = ()) -> None:
     """One ``train()``; with ``crash`` it dies after step CRASH_AFTER (its step-3 save committed)."""
     from longtrain.config import load_config
     from longtrain.trainer import checkpoint
@@ -44,7 +44,7 @@ def run(run_dir: str, world: int, crash: bool) -> None:
 
     checkpoint.Checkpointer.after_step = after_step
     try:
-        train(load_config(None, overrides(Path(run_dir), world)))
+        train(load_config(None, overrides(Path(run_dir), world) + list(extra)))
     except Crash:
         pass
     finally:
@@ -56,12 +56,12 @@ def losses(run_dir: Path, start_line: int = 0) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
 
-def check(tmp_path: Path, world: int) -> None:
+def check(tmp_path: Path, world: int, extra: tuple = ()) -> None:
     def go(d, crash):
         if world == 1:
-            run(str(d), 1, crash)
+            run(str(d), 1, crash, extra)
         else:
-            run_distributed(run, world, str(d), world, crash)
+            run_distributed(run, world, str(d), world, crash, extra)
 
     go(tmp_path / "straight", False)
     expect = losses(tmp_path / "straight")
@@ -79,6 +79,10 @@ def check(tmp_path: Path, world: int) -> None:
 
 def test_resume_equals_uninterrupted_single_process(tmp_path):
     check(tmp_path, 1)
+
+
+def test_resume_equals_uninterrupted_with_optimizer_offload(tmp_path):
+    check(tmp_path, 1, ("memory.optimizer_offload=true", "memory.optimizer_offload_impl=torch"))
 
 
 def test_resume_equals_uninterrupted_two_ranks_dp_shard(tmp_path):
