@@ -30,9 +30,9 @@ ROPES = {
 }
 
 
-def save_hf(path, rope: dict, tie: bool = False):
+def save_hf(path, rope: dict, tie: bool = False, vocab: int = 96):
     torch.manual_seed(0)
-    hc = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    hc = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-5, tie_word_embeddings=tie,
                      rope_parameters=dict(rope, rope_theta=500.0))
     hm = LlamaForCausalLM(hc).eval()
@@ -98,3 +98,58 @@ def test_shape_mismatch_with_hf_config_names_both_values(tmp_path):
         resolve_hf_config(cfg)
     with pytest.raises(HFError, match="not a directory"):
         resolve_hf_config(load_config(None, [f"checkpoint.init_from_hf={tmp_path / 'nope'}"]))
+
+
+def test_train_starts_from_hf_weights_and_exports_them_back(tmp_path):
+    """Through ``train()``: init_from_hf sets the rotary config and weights; the final checkpoint
+    (no steps taken) exports to the same HF logits."""
+    from longtrain.trainer.train import train
+
+    hf = save_hf(tmp_path / "hf", ROPES["yarn"], vocab=264)  # the byte tokenizer needs >= 259
+    over = ["model.arch=llama", "model.vocab_size=264", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2",
+            "model.ffn_dim=96", "model.n_layers=2", "model.max_seq_len=64", "data.seq_len=32", "data.batch_size=1",
+            "data.stdlib_mb=0.2", "schedule.steps=0", "schedule.warmup_steps=0", "schedule.eval_every=0",
+            "schedule.device=cpu", "logging.progress=false", "logging.tensorboard=false",
+            f"logging.run_dir={tmp_path / 'run'}", f"checkpoint.init_from_hf={tmp_path / 'hf'}"]
+    train(load_config(None, over))
+    from longtrain.trainer.hf import export_hf
+
+    export_hf(tmp_path / "run" / "checkpoints", tmp_path / "out")
+    back = LlamaForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    assert back.config.rope_parameters["rope_type"] == "yarn"
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, hf(x).logits, atol=ATOL, rtol=0)
+
+
+def _sharded_import_loss(hf_dir: str, parallel: dict) -> float:
+    from longtrain.parallel import all_reduce_sum, init_distributed, parallelize
+    from longtrain.trainer.hf import load_hf_weights
+
+    over = ["model.arch=llama", "model.vocab_size=96", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2",
+            "model.ffn_dim=96", "model.n_layers=2", "model.max_seq_len=64", "data.seq_len=48",
+            "schedule.device=cpu", "parallel.backend=gloo", "parallel.param_dtype=fp32", "parallel.dp_shard=-1",
+            f"checkpoint.init_from_hf={hf_dir}"] + [f"parallel.{k}={v}" for k, v in parallel.items()]
+    cfg = resolve_hf_config(load_config(None, over))
+    dims = init_distributed(cfg)
+    model = parallelize(build_model(cfg.model), dims, cfg)
+    load_hf_weights(model, hf_dir, cfg.model)
+    x = tokens()
+    rows, cols = 2 // dims.dp_size, 48 // dims.sp_size
+    sl = (slice(dims.dp_rank * rows, (dims.dp_rank + 1) * rows), slice(dims.sp_rank * cols, (dims.sp_rank + 1) * cols))
+    pos = torch.arange(48).expand(2, 48)
+    with torch.no_grad():
+        loss = model(x[sl], pos[sl], labels=x.roll(-1, 1)[sl])
+    return all_reduce_sum(loss, dims).item() / x.numel()
+
+
+@pytest.mark.parametrize("parallel", [{"dp_shard": 2}, {"tp": 2, "dp_shard": 1}])
+def test_hf_import_into_a_sharded_model(tmp_path, parallel):
+    from dist_utils import run_distributed
+
+    hf = save_hf(tmp_path, ROPES["llama3"])
+    x = tokens()
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(hf(x).logits.reshape(-1, 96), x.roll(-1, 1).reshape(-1)).item()
+    got = run_distributed(_sharded_import_loss, 2, str(tmp_path), parallel)
+    assert got[0] == pytest.approx(ref, rel=1e-5) and got[1] == got[0]

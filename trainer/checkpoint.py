@@ -446,6 +446,7 @@ class Checkpointer:
         that produced the bad step are not replayed (replaying them would fail the same way).
         """
         self.wait()
+        self._barrier()  # rank 0 has committed the in-flight save before anyone lists the directory
         dirs = step_dirs(self.root)
         if not dirs:
             raise CheckpointError(f"{reason}: optim.on_nonfinite=rollback, but no checkpoint exists in "
