@@ -198,11 +198,11 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    steps: int = 250
+    steps: int = 200
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     grad_accum: int = 1
-    eval_every: int = 50  # 0 = never
+    eval_every: int = 100  # 0 = never
     eval_batches: int = 4
     seed: int = 0
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # autocast; auto = bf16 where supported (GPU)
