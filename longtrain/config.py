@@ -241,6 +241,7 @@ class LoggingConfig:
     progress: bool = True
     tensorboard: bool = True
     jsonl: bool = True
+    ledger: bool = False  # per-rank <run_dir>/ledger/rank<R>.jsonl: each step's global samples and batch digest
 
 
 @dataclass

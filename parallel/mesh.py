@@ -26,6 +26,7 @@ no process group and no mesh at all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -35,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from longtrain.config import ConfigError
+from longtrain.parallel.watchdog import CollectiveWatchdog, default_store
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "sp", "tp")
 # flattened views: name -> the mesh dims it spans (contiguous in MESH_DIMS, as flattening needs)
@@ -65,6 +67,8 @@ class ParallelDims:
     mesh: Optional["torch.distributed.device_mesh.DeviceMesh"] = None
     # the flattened views, kept here: slicing them back out of the root mesh is deprecated
     flat_meshes: dict = field(default_factory=dict, repr=False)
+    # names the stuck rank and operation when a collective hangs (parallel.watchdog); None in one process
+    watchdog: Optional["CollectiveWatchdog"] = field(default=None, repr=False, compare=False)
 
     # ---------------------------------------------------------------- construction and checks
 
@@ -206,6 +210,10 @@ class ParallelDims:
             return None
         return self.get_mesh(name).get_group()
 
+    def watch(self, op: str):
+        """Context marking ``op`` (a collective or a stretch holding some) for the hang watchdog."""
+        return self.watchdog.watch(op) if self.watchdog is not None else contextlib.nullcontext()
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -246,7 +254,8 @@ def init_distributed(cfg) -> ParallelDims:
     means a single process (no process group). If the default group is already initialised
     (a test harness, an outer framework) it is reused. The init timeout is long (slow nodes,
     large clusters); afterwards every group gets the shorter training timeout so a hung
-    collective fails in minutes instead of hanging the job.
+    collective fails in minutes instead of hanging the job; the ``CollectiveWatchdog`` started here
+    makes that failure name the stuck rank and operation (``parallel.watchdog``).
     """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -275,6 +284,10 @@ def init_distributed(cfg) -> ParallelDims:
                                 device_id=device if device.type == "cuda" else None)
     dims.build_mesh(device.type)
     _set_training_timeout(dims, cfg.parallel.timeout_s)
+    wd_interval = min(5.0, max(0.2, cfg.parallel.timeout_s / 20))
+    dims.watchdog = CollectiveWatchdog(rank, world_size, cfg.parallel.timeout_s,
+                                       store=default_store(max(5.0, 4 * wd_interval)),
+                                       interval=wd_interval).start()
     return dims
 
 

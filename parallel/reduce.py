@@ -46,7 +46,8 @@ def _all_reduce(tensor: torch.Tensor, dims: ParallelDims, over, op) -> torch.Ten
     out = tensor.detach().clone()
     if dims.mesh is None or dims.size(name) == 1:
         return out
-    dist.all_reduce(out, op=op, group=dims.get_group(name))
+    with dims.watch(f"all_reduce({name})"):
+        dist.all_reduce(out, op=op, group=dims.get_group(name))
     return out
 
 

@@ -74,7 +74,9 @@ def train(cfg: Config) -> dict:
     from longtrain.models import sample_loops
     from longtrain.parallel.reduce import clip_grad_norm_
     from longtrain.trainer.checkpoint import Checkpointer
+    from longtrain.trainer.faults import install_faults
     from longtrain.trainer.guard import RollbackRequested, StepGuard
+    from longtrain.trainer.ledger import SampleLedger
     from longtrain.trainer.run import start_run
 
     cfg, dims, model, optimizer, scheduler, loader, eval_loader = setup(cfg)
@@ -84,7 +86,10 @@ def train(cfg: Config) -> dict:
                         loader=loader, state=state)
     ckpt.maybe_resume()
     ckpt.install_signal_handlers()  # SIGUSR1/SIGTERM: save, exit 85; launchers requeue or restart
+    _save_on_first_ctrl_c(ckpt)
     guard = StepGuard(cfg, dims.is_main)
+    faults = install_faults(model, optimizer, state, dims)  # $LONGTRAIN_FAULT; None (inert) when unset
+    ledger = SampleLedger(run_dir, dims, cfg.data.batch_size) if cfg.logging.ledger else None
     sched = cfg.schedule
     looped = cfg.model.arch == "looped"
     peak, peak_src = device_peak_flops(dims.device)
@@ -98,12 +103,19 @@ def train(cfg: Config) -> dict:
     last = {}
     t0 = time.perf_counter()
     while state.step < sched.steps:
+        if dims.watchdog is not None:
+            dims.watchdog.step = state.step
+        consumed_before = loader.consumed
         batches = [next(loader) for _ in range(sched.grad_accum)]
         n_loops = sample_loops(cfg.model, state.step, sched.seed, training=True) if looped else None
-        loss, n_tok = forward_backward(model, batches, dims, cfg, n_loops)
-        grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, dims)
+        with dims.watch("forward_backward"):
+            loss, n_tok = forward_backward(model, batches, dims, cfg, n_loops)
+        with dims.watch("clip_grad_norm"):
+            grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, dims)
         try:
-            accepted = guard.accept(state, float(loss), float(grad_norm))
+            with dims.watch("sync(loss, grad_norm)"):  # where an NCCL hang surfaces on the host
+                loss_f, grad_norm_f = float(loss), float(grad_norm)
+            accepted = guard.accept(state, loss_f, grad_norm_f)
         except RollbackRequested as e:  # optim.on_nonfinite=rollback: reload the last checkpoint
             optimizer.zero_grad(set_to_none=True)
             ckpt.rollback(str(e))
@@ -112,6 +124,8 @@ def train(cfg: Config) -> dict:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        if ledger is not None:
+            ledger.record(state.step, consumed_before, batches, accepted, loss_f)
         state.step += 1
         state.tokens += int(n_tok)
         if state.step % cfg.logging.log_every == 0 or state.step == sched.steps:
@@ -132,7 +146,38 @@ def train(cfg: Config) -> dict:
         ckpt.after_step()
     ckpt.finish()
     log.close()
+    _close_hooks(ledger, faults, dims)
     return {"step": state.step, "tokens": state.tokens, "run_dir": str(run_dir), **last}
+
+
+def _save_on_first_ctrl_c(ckpt) -> None:
+    """SIGINT (Ctrl-C, or the local launcher passing it on) saves a checkpoint at the next step and
+    exits like SIGTERM; a second Ctrl-C interrupts at once."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def on_sigint(signum, frame):
+        ckpt.request_save(exit_after=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, on_sigint)
+
+
+def _close_hooks(ledger, faults, dims) -> None:
+    import signal
+    import threading
+
+    if ledger is not None:
+        ledger.close()
+    if faults is not None:
+        faults.remove()
+    if dims.watchdog is not None:
+        dims.watchdog.stop()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _with_loops(mcfg, n_loops: int):
