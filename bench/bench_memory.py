@@ -218,7 +218,9 @@ def main(argv=None) -> int:
         print(f"longest sequence that trains with {args.find_max_seq}: {r['max_seq_len']}")
     else:
         rows = []
-        for name in [s for s in args.policies.split(",") if s]:
+        names = [s for s in args.policies.split(",") if s]
+        names += [spec.partition("=")[0] for spec in args.policy if spec.partition("=")[0] not in names]
+        for name in names:  # the listed policies, then every --policy given
             if name not in policies:
                 p.error(f"policy {name!r} unknown; known: {list(policies)}")
             print(f"[bench_memory] {name} seq={args.seq} ...", flush=True)
