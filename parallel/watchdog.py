@@ -202,7 +202,13 @@ class CollectiveWatchdog:
             parts.append(f"rank {r} stuck {doing} at step {rec['step']} for {rec['idle_s']:.1f} s: it never "
                          f"reached the collective the others wait in (last finished: {rec['last_op']}; now at "
                          f"{rec['where']})")
-        if not parts:  # nobody behind: every waiting rank is stuck in its operation
+        if not parts:  # nobody behind: a rank not blocked inside a collective call holds the others up
+            held = {r: rec for r, rec in waiters.items() if not _in_collective(rec["where"])}
+            for r, rec in sorted(held.items()):
+                parts.append(f"rank {r} stuck in {rec['op']} at step {rec['step']} for {rec['for_s']:.1f} s, "
+                             f"outside any collective call (at {rec['where']})")
+            behind = held
+        if not parts:  # every waiting rank is inside a collective call
             for r, rec in sorted(waiters.items()):
                 parts.append(f"rank {r} stuck in {rec['op']} at step {rec['step']} for {rec['for_s']:.1f} s")
             parts.append("no rank is behind the others (a deadlock, a lost message, or a collective "
@@ -212,6 +218,12 @@ class CollectiveWatchdog:
         return (f"{head}: " + "; ".join(parts) + (f"; waiting: {wait}" if wait else "")
                 + ". Find why that rank stalls (its log, py-spy dump), or raise parallel.timeout_s if the "
                   "operation is just slow")
+
+
+def _in_collective(where: str) -> bool:
+    """Whether a rank's innermost frames are a torch.distributed call (waiting for its peers)."""
+    return any(m in where for m in ("distributed_c10d.py", "c10d_logger.py", "_fsdp_collectives.py",
+                                    "_functional_collectives.py"))
 
 
 def default_store(init_timeout_s: float = 30.0):
