@@ -30,8 +30,11 @@ _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 def mixed_precision(cfg, device: torch.device) -> MixedPrecisionPolicy:
     p = cfg.parallel
     param = p.param_dtype
-    if param == "auto":
-        param = "bf16" if device.type == "cuda" else "fp32"
+    if param == "auto":  # follow the run's compute dtype: schedule.dtype=fp32 means fp32 everywhere
+        compute = cfg.schedule.dtype
+        if compute == "auto":
+            compute = "bf16" if device.type == "cuda" else "fp32"
+        param = compute
     return MixedPrecisionPolicy(param_dtype=_DTYPES[param], reduce_dtype=_DTYPES[p.reduce_dtype])
 
 
