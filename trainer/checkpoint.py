@@ -58,6 +58,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 import yaml
 
 # a single process saves and loads without a process group on purpose; DCP warns about it each time
@@ -75,6 +76,9 @@ SHAPE_KEYS = {"llama": ("arch", "vocab_size", "dim", "n_heads", "n_kv_heads", "f
               "looped": ("arch", "vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings",
                          "n_prelude", "n_core", "n_coda", "loops_max", "lora_rank", "reinject")}
 LAYOUT_KEYS = ("dp_replicate", "dp_shard", "sp", "tp", "pp", "world_size")
+# what a failed write raises: DCP reports a rank's failure (ENOSPC, EROFS, ...) to every rank as a
+# CheckpointException, which is a BaseException, so ``except Exception`` alone would let it through
+SAVE_ERRORS = (Exception, CheckpointException)
 
 
 class CheckpointError(RuntimeError):
@@ -292,6 +296,18 @@ def layout_of(dims) -> dict:
     return {k: int(getattr(dims, k, 1)) for k in LAYOUT_KEYS}
 
 
+def _describe_error(err: BaseException) -> str:
+    """One line per failed rank instead of DCP's tracebacks (kept in the exception's cause)."""
+    failures = getattr(err, "failures", None)
+    if isinstance(err, CheckpointException) and failures:
+        parts = []
+        for rank, f in sorted(failures.items()):
+            exc = f[0] if isinstance(f, tuple) else f
+            parts.append(f"rank {rank}: {type(exc).__name__}: {exc}")
+        return "; ".join(parts)
+    return f"{type(err).__name__}: {err}"
+
+
 def _log(msg: str) -> None:
     print(f"[longtrain] {msg}", flush=True)
 
@@ -475,19 +491,26 @@ class Checkpointer:
         if step == self._last_saved_step:
             return
         tmp = self.root / f"step-{step}.tmp"
+        failed: Optional[OSError] = None
         if self.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            self._write_side_files(tmp, step)
-        self._barrier()  # nobody writes into tmp before rank 0 has (re)created it
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                self._write_side_files(tmp, step)
+            except OSError as e:  # a full disk, a read-only directory, a file where the directory goes
+                failed = e
+        # nobody writes into tmp before rank 0 has (re)created it, and nobody writes if it could not
+        if self._any_rank(failed is not None):
+            self._save_failed(step, tmp, failed or OSError(f"rank 0 could not create {tmp}"))
+            return
         state = self._state_for_save()
         self._last_saved_step = step
         self._last_save_time = time.monotonic()
         if sync or not self.ccfg.async_save:
             try:
                 dcp.save(state, checkpoint_id=str(tmp), process_group=self.pg, no_dist=not self.distributed)
-            except Exception as e:  # noqa: BLE001
+            except SAVE_ERRORS as e:
                 self._save_failed(step, tmp, e)
                 return
             self._commit(step, tmp)
@@ -506,7 +529,7 @@ class Checkpointer:
         self._pending = None
         try:
             fut.result()
-        except Exception as e:  # noqa: BLE001
+        except SAVE_ERRORS as e:
             self._save_failed(step, tmp, e)
             return
         self._commit(step, tmp)
@@ -516,7 +539,10 @@ class Checkpointer:
             self.wait()
 
     def _save_failed(self, step: int, tmp: Path, err: Exception) -> None:
-        msg = f"checkpoint save of step {step} to {tmp} failed: {type(err).__name__}: {err}"
+        msg = f"checkpoint save of step {step} to {tmp} failed: {_describe_error(err)}"
+        if isinstance(err, OSError) or "[Errno" in msg:
+            msg += (f". Make checkpoint.dir={str(self.root)!r} a writable directory with room for a "
+                    f"checkpoint (or point checkpoint.dir elsewhere)")
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         if self.ccfg.on_save_error == "stop":
@@ -652,6 +678,14 @@ class Checkpointer:
         if "nccl" in str(backend):
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+    def _any_rank(self, flag: bool) -> bool:
+        """``flag`` or-ed over all ranks (a barrier too)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.pg)
+        return bool(t.item())
 
     def _barrier(self) -> None:
         if self.distributed:
