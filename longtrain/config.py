@@ -335,6 +335,10 @@ _NON_NEGATIVE = {
 }
 
 
+def _divisors(n: int) -> str:
+    return "{" + ", ".join(str(d) for d in range(1, n + 1) if n % d == 0) + "}"
+
+
 def validate(cfg: Config) -> Config:
     """Checks of single values and of relations inside the tree; raises ConfigError."""
     for key in sorted(_POSITIVE | _NON_NEGATIVE):
@@ -350,26 +354,31 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; "
                           f"pick n_heads among the divisors of dim.")
     if m.head_dim % 2:
-        raise ConfigError(f"model.dim/model.n_heads={m.head_dim} must be even for rotary embeddings.")
+        raise ConfigError(f"model.dim/model.n_heads={m.dim}/{m.n_heads}={m.head_dim} must be even for rotary "
+                          f"embeddings; choose model.dim and model.n_heads so that dim / n_heads is even.")
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
-                          f"grouped-query attention needs n_kv_heads to divide n_heads.")
+                          f"grouped-query attention needs n_kv_heads to divide n_heads; use n_kv_heads in "
+                          f"{_divisors(m.n_heads)}.")
     if m.arch == "looped":
         if m.n_core < 1:
-            raise ConfigError(f"model.n_core={m.n_core} must be >= 1 for arch=looped.")
+            raise ConfigError(f"model.n_core={m.n_core} must be >= 1 for arch=looped; set model.n_core=1 or more, "
+                              f"or model.arch=llama for a model without a looped core.")
         if m.loops > m.loops_max:
             raise ConfigError(f"model.loops={m.loops} exceeds model.loops_max={m.loops_max}; raise loops_max.")
         if m.backprop_loops > m.loops_max:
             raise ConfigError(f"model.backprop_loops={m.backprop_loops} exceeds model.loops_max={m.loops_max}.")
     if not 0.0 <= cfg.memory.offload_fraction <= 1.0:
-        raise ConfigError(f"memory.offload_fraction={cfg.memory.offload_fraction} must be in [0, 1].")
+        raise ConfigError(f"memory.offload_fraction={cfg.memory.offload_fraction} must be in [0, 1]: the share of "
+                          f"each saved tensor sent to the CPU; set a value between 0 and 1.")
     check_recompute_layers(cfg.memory.recompute_layers)
     if cfg.memory.optimizer_offload and cfg.memory.fsdp_cpu_offload:
         raise ConfigError("memory.optimizer_offload=true and memory.fsdp_cpu_offload=true both move the "
                           "optimizer to the CPU; set only one (fsdp_cpu_offload also offloads parameters "
                           "and gradients).")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
-        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1).")
+        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1): the share of documents "
+                          f"held out for the eval loss; set e.g. 0.02, or 0 (with schedule.eval_every=0) for none.")
     for key in ("pack_window", "synthetic_docs", "synthetic_doc_len", "stdlib_mb"):
         if not getattr(cfg.data, key) > 0:
             raise ConfigError(f"data.{key}={getattr(cfg.data, key)!r} must be > 0; set a positive value.")
@@ -377,7 +386,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
                           f"raise model.max_seq_len or shorten data.seq_len.")
     if not 0.0 < cfg.optim.beta1 < 1.0 or not 0.0 < cfg.optim.beta2 < 1.0:
-        raise ConfigError(f"optim.beta1={cfg.optim.beta1} and optim.beta2={cfg.optim.beta2} must be in (0, 1).")
+        raise ConfigError(f"optim.beta1={cfg.optim.beta1} and optim.beta2={cfg.optim.beta2} must be in (0, 1); "
+                          f"the usual values are optim.beta1=0.9 optim.beta2=0.95.")
     if cfg.schedule.warmup_steps > cfg.schedule.steps:
         raise ConfigError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds "
                           f"schedule.steps={cfg.schedule.steps}; shorten the warmup.")
@@ -445,10 +455,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return True
         if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
             return False
-        raise ConfigError(f"{key}={value!r} must be a boolean (true/false).")
+        raise ConfigError(f"{key}={value!r} must be a boolean; write {key}=true or {key}=false.")
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} must be an integer.")
+            raise ConfigError(f"{key}={value!r} must be an integer; write a whole number, e.g. {key}=8.")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -458,10 +468,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return int(value.replace("_", ""))
             except ValueError:
                 pass
-        raise ConfigError(f"{key}={value!r} must be an integer.")
+        raise ConfigError(f"{key}={value!r} must be an integer; write a whole number, e.g. {key}=8.")
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} must be a number.")
+            raise ConfigError(f"{key}={value!r} must be a number; write e.g. {key}=0.5 or {key}=1e-3.")
         if isinstance(value, (int, float)):
             return float(value)
         if isinstance(value, str):
@@ -469,10 +479,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}={value!r} must be a number.")
+        raise ConfigError(f"{key}={value!r} must be a number; write e.g. {key}=0.5 or {key}=1e-3.")
     if tp is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}={value!r} must be a string.")
+            raise ConfigError(f"{key}={value!r} must be a string; quote it, e.g. {key}='...'.")
         return str(value)
     if tp is list or origin is list:
         if isinstance(value, str):
@@ -539,7 +549,8 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}.")
+            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}; write "
+                              f"one block per section, e.g. a line 'optim:' followed by '  lr: 1e-3'.")
         _apply(cfg, data, "")
     for ov in overrides or []:
         key, value = parse_override(ov)
