@@ -8,8 +8,10 @@ how many operations it has entered so far, where its main thread is -- to the jo
 cannot hang the watchdog too).
 
 When a rank has been inside one operation for ``0.9 * parallel.timeout_s`` -- before the backend's
-own timeout, whose message names neither rank nor operation -- its watchdog reads every rank's
-record and names the one(s) holding the others up:
+own timeout, whose message names neither rank nor operation -- and there is evidence of a hang
+(its main thread is blocked inside a torch.distributed call, or another rank is behind it or
+silent; a step that is merely long is not a hang), its watchdog reads every rank's record and names
+the one(s) holding the others up:
 
 - a rank whose record stopped changing (a frozen or dead process): "no heartbeat";
 - otherwise the rank(s) that entered fewer operations than the waiters (every rank runs the same
@@ -64,6 +66,7 @@ class CollectiveWatchdog:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.verdict: Optional[str] = None
+        self._warned = -1
 
     # ---------------------------------------------------------------- the training thread
 
@@ -135,8 +138,27 @@ class CollectiveWatchdog:
                 self._abort(verdict, posted=True)
                 return
             if self._stack and time.monotonic() - self._stack[-1][1] >= self.deadline:
-                self._abort(self.diagnose(), posted=False)
-                return
+                if self._hung():
+                    self._abort(self.diagnose(), posted=False)
+                    return
+                if self._warned != self._seq:  # a long step, not (yet) a hang: say so once per operation
+                    self._warned = self._seq
+                    rec = self._record()
+                    print(f"[longtrain] rank {self.rank}: watchdog: in {rec['op']} at step {rec['step']} for "
+                          f"{rec['for_s']:.0f} s, but no rank is behind and none is blocked in a collective call; "
+                          f"not treated as a hang", file=sys.stderr, flush=True)
+
+    def _hung(self) -> bool:
+        """Evidence of a hang, not just a long operation: this rank is blocked inside a collective
+        call, or a rank is behind it (never reached this collective) or silent."""
+        mine = self._record()
+        if _in_collective(mine["where"]):
+            return True
+        if self.store is None:
+            return False
+        now = time.time()
+        return any(rec is None or rec["seq"] < mine["seq"] or now - rec["beat"] > max(self.deadline, 3 * self.interval)
+                   for r, rec in self._records().items() if r != self.rank)
 
     def _posted_verdict(self) -> Optional[str]:
         try:

@@ -86,3 +86,18 @@ def test_nonfinite_with_policy_rollback_reloads_the_last_checkpoint_and_finishes
     assert "step 4: non-finite loss=nan" in log and "rolled back to step-4" in log, log[-2000:]
     steps = [e["step"] for e in read_ledger(tmp_path)]
     assert steps == [0, 1, 2, 3, 4, 5]  # the bad step 4 was not recorded as trained; 4 and 5 ran after it
+
+
+def test_fault_hooks_are_inert_unless_longtrain_fault_is_set(monkeypatch):
+    from torch.distributed.checkpoint import filesystem
+
+    from longtrain.trainer.faults import install_faults, parse_faults
+
+    monkeypatch.delenv("LONGTRAIN_FAULT", raising=False)
+    writer = filesystem._FileSystemWriter.write_data
+    model = torch.nn.Linear(2, 2)
+    assert install_faults(model, torch.optim.SGD(model.parameters(), lr=0.1), None, None) is None
+    assert filesystem._FileSystemWriter.write_data is writer  # the DCP writer is not wrapped
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert [str(f) for f in parse_faults("kill@step:3:phase=backward:rank=1, enospc@step:4")] == \
+        ["kill@step:3:phase=backward:rank=1:attempt=0", "enospc@step:4:phase=checkpoint-write:attempt=0"]

@@ -60,3 +60,44 @@ def test_stalled_rank_ends_the_job_within_the_timeout_naming_rank_op_and_step(tm
     assert elapsed < 30 + TIMEOUT_S, f"took {elapsed:.0f} s"
     leftover = [p for p in seen if alive(p)]
     assert not leftover, f"processes left: {[(p, cmdline(p)) for p in leftover]}"
+
+
+class _DictStore:
+    """The two store calls the watchdog uses, in memory (one process plays every rank)."""
+
+    def __init__(self):
+        self.d = {}
+
+    def set(self, k, v):
+        self.d[k] = v.encode() if isinstance(v, str) else v
+
+    def get(self, k):
+        return self.d[k]
+
+    def check(self, keys):
+        return all(k in self.d for k in keys)
+
+
+def test_a_long_operation_with_no_rank_behind_is_not_a_hang_but_a_rank_behind_is():
+    from longtrain.parallel.watchdog import CollectiveWatchdog
+
+    store = _DictStore()
+    r0 = CollectiveWatchdog(0, 2, timeout_s=1.0, store=store, interval=0.05, exit_on_hang=False)
+    r1 = CollectiveWatchdog(1, 2, timeout_s=1.0, store=store, interval=0.05, exit_on_hang=False)
+    r0.step = r1.step = 7
+    with r1.watch("forward_backward"):
+        pass
+    r1._publish()
+    with r0.watch("forward_backward"):  # both ranks did the same operations: long compute, no hang
+        r0._publish()
+        assert not r0._hung()
+    r1.start()  # rank 1 is alive (heartbeats) but stalls between operations
+    r0.start()
+    try:
+        with r0.watch("all_reduce(dp_sp)"):  # rank 0 waits here; rank 1 never arrives
+            time.sleep(1.5)
+    finally:
+        r0.stop()
+        r1.stop()
+    assert r0.verdict is not None and "rank 1 stuck before all_reduce(dp_sp) at step 7" in r0.verdict, r0.verdict
+    assert r1.verdict == r0.verdict  # posted to the store; rank 1's own watchdog ended it too
