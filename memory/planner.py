@@ -6,46 +6,73 @@ choice (``plan``), ``resolve_policy`` for ``memory.policy=auto``, the table ``lo
 prints, and ``measure_peak`` to put measurements next to the estimates.
 
 Notation: d = model.dim, h = n_heads, kv = n_kv_heads, hd = d/h, f = ffn_dim, V = vocab_size,
-t = tp, s = sp, a = bytes of an activation element (2 for bf16, 4 for fp32). Per rank and
-micro-batch a layer sees T = batch·seq/s tokens (Ulysses splits the sequence; inside attention
-a rank holds all S tokens of h/s heads, which is the same byte count). Widths per token on one
-rank: q and the attention output qd = d/t; keys and values kvd = kv_eff·hd with
-kv_eff = kv/t, raised to s when Ulysses has to replicate kv heads; MLP f/t. Tensor parallelism
-is assumed sequence-parallel (norms and residuals sharded over t, projection inputs gathered).
+t = tp, s = sp, a = bytes of an activation element (2 for bf16, 4 for fp32), r = bytes of the
+residual stream. Per rank and micro-batch a layer sees T = batch·seq/s tokens (Ulysses splits the
+sequence; inside attention a rank holds all S tokens of h/s heads, which is the same byte count).
+Widths per token on one rank: q and the attention output qd = d/t; keys and values
+kvd = kv_eff·hd with kv_eff = kv/t, raised to lcm(kv/t, s) when Ulysses has to replicate kv
+heads; MLP f/t. Tensor parallelism is assumed sequence-parallel (norms and residuals sharded
+over t, projection inputs gathered).
 
-Saved for backward per token and layer with no recompute (what autograd keeps; bytes):
+The residual stream (``residual_bytes``): without FSDP the parameters are fp32, the embedding
+lookup is not an autocast op and ``x + branch`` promotes to fp32, so r = 4 even under bf16
+autocast; under FSDP2 with param_dtype bf16, r = 2. When r != a every linear casts its fp32
+input itself (autocast caches casts of leaf weights only): wq, wk, wv save three bf16 copies of
+the attention-norm output, w1 and w3 two of the ffn-norm output.
 
-    attention_norm input (the layer input) ........ a·d/t    + 4/t (fp32 rstd)
-    attention_norm output = input of wq, wk, wv ... a·d
+Saved for backward per token and layer with no recompute (``block_saved_terms``; bytes):
+
+    attention_norm input (the layer input) ........ r·d/t    + 4/t (fp32 rstd)
+    attention_norm output = input of wq, wk, wv ... a·d, three copies when r != a
+    rotary cos/sin cast to bf16 per call .......... 4·a·hd (q and k each keep a cos and a sin; 0 in fp32)
     q, k, v (saved by attention) .................. a·(qd + 2·kvd)
     attention output = input of wo ................ a·qd     + 4·h/t (fp32 logsumexp)
-    ffn_norm input ................................ a·d/t    + 4/t
-    ffn_norm output = input of w1, w3 ............. a·d
+      with Ulysses the inverse all-to-all makes wo's input a second copy: + a·qd
+    ffn_norm input ................................ r·d/t    + 4/t
+    ffn_norm output = input of w1, w3 ............. a·d, two copies when r != a
     gate = w1 out (silu input), silu(gate), up = w3 out, silu(gate)·up = w2 input  4·a·f/t
 
-    A_none = a·(2d/t + 2d + 2qd + 2kvd + 4f/t) + 4·(2 + h)/t
-    (Llama-3-8B, a=2, t=s=1: 168,072 B = 164 KiB per token per layer; the rotary products save
-    only the shared cos/sin tables, residual adds save nothing.)
+    (Llama-3-8B, a = r = 2, t = s = 1: 169,096 B = 165 KiB per token per layer; Llama-3.2-1B on
+    one GPU, a = 2, r = 4: 113,288 B, of which 20 KiB are the fp32 stream and the extra casts.)
 
 Per policy (per token and layer):
-    none ........ A_none
-    selective ... a·d/t (checkpoint input) + a·qd + 4h/t (attention output and logsumexp kept);
+    none ........ all of the above
+    selective ... r·d/t (checkpoint input) + a·qd + 4h/t (attention output and logsumexp kept);
                   ``attention+mm`` adds every matmul output a·(qd + 2kvd + 2d + 2f/t),
                   ``attention+half_mm`` half of that
-    full ........ a·d/t (the checkpoint input only: 8 KiB/token for Llama-3-8B)
-    recompute_loops (looped core) ... a·d/t per *iteration* instead of per core block
+    full ........ r·d/t (the checkpoint input only: 8 KiB/token for Llama-3-8B under FSDP bf16)
+    recompute_loops (looped core) ... r·d/t per *iteration* instead of per core block
     offload φ ... the checkpoint inputs: (1-φ) stay on the GPU, φ go to the host
-    tiled MLP ... drops the 4·a·f/t MLP intermediates from what is saved or recomputed at once;
-                  one chunk's worth, 4·a·f/t·T/n, is the working set
+    tiled MLP ... the chunk checkpoints keep the ffn-norm output (r·d) instead of its casts and the
+                  4·a·f/t MLP intermediates; one chunk's worth is recomputed at a time
+The head's norm also keeps the last block's output, r·d/t per token (tiled or not).
 
-Working buffers (transient, the largest of a step): backward of one layer holds its recomputed
-activations (A_none·T for full recompute, less what is kept) plus gradient buffers
-a·T·(2d + max(2f/t, qd + 2kvd)); the loss holds [T, V/t] logits: a (projection) + 4 (fp32 copy)
-+ 4 (log-softmax, saved) + 4 (its gradient) bytes per element, or one chunk of c tokens with the
-tiled loss. Communication: Ulysses all-to-all receive buffers a·T·(2qd + 2kvd) when s > 1;
-FSDP2 all-gathers bf16 weights of two blocks (current + prefetched) and reduce-scatters one
-block's fp32 gradients when parameters are sharded; without FSDP, autocast caches a bf16 copy of
-every weight (2 bytes/param).
+The peak is not the sum of everything: gradients are set to None after each step, so they grow
+during backward while the activations shrink; the large transients of the loss and of one
+block's backward do not coexist. ``estimate`` evaluates four moments and takes the largest:
+
+    forward (loss) ....... saved activations, autocast's cache of bf16 copies of every fp32
+                           weight, and the loss forward: bf16 logits + fp32 copy + fp32
+                           log-softmax, (a + 8)·V/t bytes per logit row (8 in fp32)
+    backward (loss) ...... saved activations, the weight copies the graph saved (all blocks' with
+                           no recompute, the output projection's unless the loss is tiled), and
+                           the cross-entropy backward: saved log-probs + nll_loss's dense gradient
+                           + log_softmax's input gradient, 12·V/t bytes per row, for T rows or
+                           one chunk of c rows with the tiled loss (which adds the recast weight,
+                           its bf16 and fp32 gradients, and the chunks' [T, d] gradients kept for
+                           one concatenation)
+    backward (first block) the output projection's gradient, saved activations, and one block's
+                           backward: what recompute rebuilds (everything but what it kept), plus
+                           the larger of the MLP backward's two extra [T, f] gradients and the
+                           attention backward's dq/dk/dv (+ fp32 dq accumulator, + the Ulysses
+                           all-to-all buffers of those gradients), plus the incoming [T, d]
+                           gradient and the block's weight gradients; offload prefetch buffers
+    optimizer step ....... parameters, all gradients, optimizer state
+With gradient accumulation (schedule.grad_accum > 1) all gradients exist in every phase.
+Communication: FSDP2 keeps the root's unsharded weights (embedding, head) for the whole step
+(reshard_after_forward=False) and in backward holds the current and prefetched unsharded block,
+its unsharded gradients and their fp32 reduce-scatter input; without FSDP autocast's bf16 weight
+copies are the ``weight copies`` term; TP all-gathers 2·a·T·d.
 
 Static state per parameter (parameters are fp32, FSDP2 shards them over dp_shard·sp, tensor
 parallelism over tp, the pipeline keeps ceil(L/pp) blocks plus the larger of embedding/head):
@@ -54,8 +81,14 @@ master (4) and a gradient staging buffer (4) to the host; FSDP CPU offload moves
 gradients and optimizer state there.
 
 The usable GPU memory is the budget less a reserve for the CUDA context, NCCL, and allocator
-fragmentation (8% + 1 GiB). These are estimates of the dominant terms, to be checked against
-``measure_peak`` (bench/bench_memory.py prints both).
+fragmentation (8% + 1 GiB). These are estimates of the live tensors (what
+``torch.cuda.max_memory_allocated`` counts), checked on H200 against ``measure_peak`` for
+Llama-3.2-1B (64K on 1 GPU, full, untiled loss: 119.9 vs 120.0 GiB measured -- that run's model
+had an untied head, 117.0 tied; none + tiled loss: 131.4 vs 129.8; 1M on 2 GPUs sp=2, full +
+tiled loss: 104.0 vs 100.7) and
+Llama-3-8B (128K, sp=2, selective + tiled loss: 96.7 vs 96.0) -- the same runs that were used to
+find these formulae. Memory the allocator reserves but has not handed out (fragmentation, most
+of all with untiled [T, V] logits of tens of GiB) is not modelled beyond the reserve.
 """
 
 from __future__ import annotations
@@ -200,8 +233,11 @@ def policy_of(mem) -> Policy:
 @dataclass
 class Estimate:
     policy: Policy
-    gpu: dict = field(default_factory=dict)  # component -> bytes
+    gpu: dict = field(default_factory=dict)  # component -> bytes, at the peak phase
     host: dict = field(default_factory=dict)
+    phase: str = ""  # the moment of the step the peak is at
+    phases: dict = field(default_factory=dict)  # phase -> GPU bytes
+    phase_terms: dict = field(default_factory=dict)  # phase -> {component -> bytes}
 
     @property
     def gpu_total(self) -> int:
@@ -219,32 +255,88 @@ def act_bytes(cfg: Config) -> int:
     return 2 if dt == "bf16" else 4
 
 
+def uses_fsdp(lay: Layout) -> bool:
+    return lay.dp_replicate * lay.fsdp > 1  # parallel.fsdp.uses_fsdp
+
+
+def weight_bytes(cfg: Config, lay: Layout, a: int) -> int:
+    """Bytes of the weights the matmuls see: FSDP2's unsharded ``param_dtype`` copy, else fp32."""
+    if not uses_fsdp(lay):
+        return 4
+    p = cfg.parallel.param_dtype
+    if p == "auto":  # follows schedule.dtype (parallel.fsdp.mixed_precision)
+        return a
+    return 2 if p == "bf16" else 4
+
+
+def residual_bytes(cfg: Config, lay: Layout, a: int) -> int:
+    """Bytes per element of the residual stream (every block's input and output).
+
+    Without FSDP the parameters are fp32: the embedding lookup is not an autocast op, so its
+    output is fp32, and ``x + bf16_branch`` promotes back to fp32 after every attention and MLP,
+    so the block inputs and the norms' inputs/outputs are fp32 even under bf16 autocast. Under
+    FSDP2 with ``param_dtype=bf16`` the embedding weight is bf16 and the stream is bf16.
+    """
+    return 4 if a == 4 else weight_bytes(cfg, lay, a)
+
+
 def _widths(m, lay: Layout) -> dict:
     t, s = lay.tp, lay.sp
-    kv_eff = m.n_kv_heads / t
-    if s > 1:
-        kv_eff = max(kv_eff, s)
+    kv_t = max(1, m.n_kv_heads // t)
+    kv_eff = kv_t * (s // math.gcd(kv_t, s)) if s > 1 else m.n_kv_heads / t  # Ulysses repeats kv heads to lcm(kv, sp)
     return {"d": m.dim, "qd": m.dim / t, "kvd": kv_eff * m.head_dim, "f": m.ffn_dim / t,
-            "h": m.n_heads / t, "dt": m.dim / t}
+            "h": m.n_heads / t, "dt": m.dim / t, "hd": m.head_dim}
+
+
+def block_saved_terms(m, lay: Layout, a: int, r: int | None = None, tiled_mlp: bool = False) -> dict:
+    """Bytes per token that autograd keeps for one block with no recompute, by tensor.
+
+    ``r``: bytes of the residual stream (``residual_bytes``; defaults to ``a``). When r != a (fp32
+    stream, bf16 autocast) every linear casts its fp32 input itself -- autocast caches casts of
+    leaf weights only -- so wq, wk, wv each save their own bf16 copy of the attention-norm output
+    and w1, w3 theirs of the ffn-norm output; the fp32 norm outputs are transient.
+    """
+    r = a if r is None else r
+    w = _widths(m, lay)
+    d, qd, kvd, f, h, dt, hd = w["d"], w["qd"], w["kvd"], w["f"], w["h"], w["dt"], w["hd"]
+    cast = r != a
+    return {
+        "input": r * dt + 4 / lay.tp,  # attention_norm input (= the block input) + fp32 rstd
+        "attention_norm out": (3 if cast else 1) * a * d,  # input of wq, wk, wv
+        # apply_rotary casts the fp32 cos/sin tables to x.dtype per call: q and k each save a cos
+        # and a sin copy [T, hd] (no copy, hence the shared tables only, when a == 4)
+        "rotary": 0 if a == 4 else 4 * a * hd,
+        "q k v": a * (qd + 2 * kvd),  # saved by the attention kernel (after the all-to-all with sp)
+        "attention out": a * qd + 4 * h,  # output (= wo input without sp) + fp32 logsumexp
+        # with Ulysses the inverse all-to-all makes a new tensor: wo saves it beside the kernel's out
+        "ulysses out": a * qd if lay.sp > 1 else 0,
+        "ffn_norm input": r * dt + 4 / lay.tp,
+        # tiled MLP: the chunk checkpoints keep their input (the norm output, r bytes) instead
+        "ffn_norm out": r * d if tiled_mlp else (2 if cast else 1) * a * d,
+        "mlp": 0 if tiled_mlp else 4 * a * f,  # w1 out (silu input), silu, w3 out, their product (w2 input)
+    }
 
 
 def layer_activation_bytes(m, lay: Layout, a: int, mode: str = "none", selective_save: str = "attention",
-                           tiled_mlp: bool = False) -> float:
-    """Bytes saved per token by one block under ``mode`` (the formulae of the module docstring)."""
+                           tiled_mlp: bool = False, r: int | None = None) -> float:
+    """Bytes saved per token by one block under ``mode`` (the formulae of the module docstring).
+
+    ``r``: bytes of the residual stream (see ``residual_bytes``); defaults to ``a``.
+    """
+    r = a if r is None else r
     w = _widths(m, lay)
     d, qd, kvd, f, h, dt = w["d"], w["qd"], w["kvd"], w["f"], w["h"], w["dt"]
     if mode == "full":
-        return a * dt
+        return r * dt
     if mode == "selective":
-        keep = a * dt + a * qd + 4 * h
+        keep = r * dt + a * qd + 4 * h
         mm = a * (qd + 2 * kvd + 2 * d + 2 * f)
         if selective_save == "attention+mm":
             keep += mm
         elif selective_save == "attention+half_mm":
             keep += mm / 2
         return keep
-    mlp = 0 if tiled_mlp else 4 * a * f
-    return a * (2 * dt + 2 * d + 2 * qd + 2 * kvd) + mlp + 4 * (2 + h) / lay.tp
+    return sum(block_saved_terms(m, lay, a, r, tiled_mlp).values())
 
 
 def _blocks_per_rank(m, lay: Layout) -> dict:
@@ -258,9 +350,17 @@ def _blocks_per_rank(m, lay: Layout) -> dict:
 
 
 def estimate(cfg: Config, lay: Layout, pol: Policy) -> Estimate:
-    """Per-rank memory for ``cfg`` under ``pol``; see the module docstring for each term."""
+    """Per-rank peak memory for ``cfg`` under ``pol``; see the module docstring for each term.
+
+    The peak is the largest of four moments of a step (``Estimate.phases``); ``gpu`` holds the
+    terms of the largest, ``phase`` names it.
+    """
     m = cfg.model
     a = act_bytes(cfg)
+    r = residual_bytes(cfg, lay, a)
+    wb = weight_bytes(cfg, lay, a)
+    fsdp_on = uses_fsdp(lay)
+    cast_w = a == 2 and wb == 4  # autocast makes bf16 copies of fp32 weights
     T = cfg.data.batch_size * cfg.data.seq_len / lay.sp
     w = _widths(m, lay)
     d, qd, kvd, f, dt = w["d"], w["qd"], w["kvd"], w["f"], w["dt"]
@@ -272,69 +372,130 @@ def estimate(cfg: Config, lay: Layout, pol: Policy) -> Estimate:
         n_blocks_stage = math.ceil((m.n_prelude + m.n_core + m.n_coda) / lay.pp) if lay.pp > 1 else pc["n_blocks"]
     ends = pc["embedding"] + pc["head"] if lay.pp == 1 else max(pc["embedding"], pc["head"])
     p_local = (n_blocks_stage * pc["block"] + ends + pc["extra"]) / lay.tp / lay.fsdp
+    blk = pc["block"] / lay.tp
+    head_w = m.vocab_size * m.dim / lay.tp  # the output projection's weight (tied or not)
     out = Estimate(pol)
-    g, hst = out.gpu, out.host
+    base, hst = {}, out.host
+    grads_full = 0.0
     if pol.fsdp_cpu_offload:
         hst["parameters"], hst["gradients"], hst["optimizer"] = 4 * p_local, 4 * p_local, 8 * p_local
     else:
-        g["parameters"], g["gradients"] = 4 * p_local, 4 * p_local
+        base["parameters"] = 4 * p_local
+        grads_full = 4 * p_local
         if pol.optimizer_offload:
             hst["optimizer"] = 16 * p_local  # fp32 master + m + v + gradient staging
         else:
-            g["optimizer"] = 8 * p_local
+            base["optimizer"] = 8 * p_local
+    # Gradients are set to None after each step, so during backward only those already produced
+    # exist: at its start (where activations peak) the output projection's, no block's. With FSDP
+    # that one is the root's unsharded gradient in param_dtype, reduced when the root's backward
+    # ends; the blocks' sharded fp32 gradients grow as their activations are freed. With gradient
+    # accumulation every micro-batch after the first finds all gradients in place.
+    head_grad = 0.0 if pol.fsdp_cpu_offload else (wb if fsdp_on else 4) * head_w
+    accum = cfg.schedule.grad_accum > 1
     # saved activations
     nb = _blocks_per_rank(m, lay)
     mode = pol.recompute
-    per_block = layer_activation_bytes(m, lay, a, mode, pol.selective_save, bool(pol.tiled_mlp))
-    if mode == "none" and pol.tiled_mlp:
-        per_block = layer_activation_bytes(m, lay, a, "none", tiled_mlp=True)
+    per_block = layer_activation_bytes(m, lay, a, mode, pol.selective_save, bool(pol.tiled_mlp), r)
     core_blocks = nb["core_iters"] * m.n_core if m.arch == "looped" else 0
     ckpt_inputs = 0.0  # bytes of checkpoint inputs (what offload moves)
     other_saved = 0.0
     if mode == "none":
         other_saved += per_block * nb["plain"] * T
     else:
-        ckpt_inputs += a * dt * nb["plain"] * T
-        other_saved += (per_block - a * dt) * nb["plain"] * T
+        ckpt_inputs += r * dt * nb["plain"] * T
+        other_saved += (per_block - r * dt) * nb["plain"] * T
     if core_blocks:
         if pol.recompute_loops:
-            ckpt_inputs += a * dt * nb["core_iters"] * T
+            ckpt_inputs += r * dt * nb["core_iters"] * T
         elif mode == "none":
             other_saved += per_block * core_blocks * T
         else:
-            ckpt_inputs += a * dt * core_blocks * T
-            other_saved += (per_block - a * dt) * core_blocks * T
+            ckpt_inputs += r * dt * core_blocks * T
+            other_saved += (per_block - r * dt) * core_blocks * T
     phi = pol.offload_fraction
     if phi and mode == "none" and not pol.recompute_loops:  # offload everything saved
         ckpt_inputs, other_saved = ckpt_inputs + other_saved, 0.0
-    g["activations"] = other_saved + (1 - phi) * ckpt_inputs
+    acts = {"activations": other_saved + (1 - phi) * ckpt_inputs}
     if phi:
         hst["offloaded activations"] = phi * ckpt_inputs
-        g["offload buffers"] = (cfg.memory.offload_prefetch + 2) * a * dt * T * phi  # in flight + prefetched
-    # working set of the largest layer backward
-    full_layer = layer_activation_bytes(m, lay, a, "none", tiled_mlp=bool(pol.tiled_mlp)) * T
-    if pol.tiled_mlp:
-        full_layer += 4 * a * f * T / pol.tiled_mlp
-    recomputed = full_layer if mode != "none" else 0.0
-    if pol.recompute_loops and core_blocks:
-        recomputed = full_layer * m.n_core if mode == "none" else full_layer + a * dt * T * m.n_core
-    grads = a * T * (2 * d + max(2 * f / (pol.tiled_mlp or 1), qd + 2 * kvd))
-    g["layer working set"] = recomputed + grads
-    # loss
+    # the head's norm keeps the last block's output (a tiled loss keeps it too: its chunks are views)
+    acts["head input"] = (r * dt + 4 / lay.tp) * T
+    # weight copies: autocast's bf16 copies of fp32 weights are saved by the matmuls that use them
+    # (all blocks with no recompute, only the block being recomputed otherwise; the output
+    # projection's unless the loss is tiled, whose chunks recast it when recomputed). At the end
+    # of forward autocast's cache still holds a copy of every weight. FSDP2 instead keeps the
+    # root's unsharded weights (embedding, head: reshard_after_forward=False) for the whole step
+    # and gathers one block ahead.
+    comm = {}
+    saved_w = cache_w = 0.0
+    if cast_w:
+        saved_w = (2 * n_blocks_stage * blk if mode == "none" else 0) + (0 if pol.tiled_loss else 2 * head_w)
+        cache_w = 2 * (n_blocks_stage * blk + head_w)
+    if fsdp_on:
+        comm["fsdp unsharded root"] = wb * ends / lay.tp
+    # ---- the loss: [c, V] logits, c = T or the tiled chunk ----------------------------------
     v_local = m.vocab_size / lay.tp
-    loss_tokens = min(T, pol.tiled_loss) if pol.tiled_loss else T
-    g["logits/loss"] = loss_tokens * v_local * (12 + a)
-    # communication
-    if lay.sp > 1:
-        g["ulysses all-to-all"] = a * T * (2 * qd + 2 * kvd)
+    c = min(T, pol.tiled_loss) if pol.tiled_loss else T
+    # forward: bf16 logits, their fp32 copy (.float()) and the fp32 log-softmax, all alive at once;
+    # backward: the saved log-softmax, nll_loss's dense [c, V] gradient and log_softmax's output
+    # gradient (the bf16 logits are freed by then) -- 12 bytes per logit, the larger
+    ce_fwd = (a + 8 if a == 2 else 8) * v_local * c
+    ce_bwd = 12 * v_local * c
+    if pol.tiled_loss:
+        # per chunk, a recomputed bf16 copy of the weight, its bf16 gradient and the fp32 copy of
+        # that added into .grad; the chunks' gradients w.r.t. h are kept until one concatenation
+        w_tr = (2 + 2 + 4) * head_w if cast_w else wb * head_w
+        loss_bwd = ce_bwd + w_tr + 2 * r * dt * T
+        loss_fwd = ce_fwd
+    else:
+        loss_bwd = ce_bwd + (a * dt * T if cast_w or r != a else 0)  # + the projection's saved input
+        loss_fwd = ce_fwd + (a * dt * T if cast_w or r != a else 0)
+    # ---- the backward of one block: the largest over blocks is the first one (all saved) ------
+    none_terms = block_saved_terms(m, lay, a, r, bool(pol.tiled_mlp))
+    none_bytes = sum(none_terms.values())
+    kept = layer_activation_bytes(m, lay, a, mode, pol.selective_save, bool(pol.tiled_mlp), r)
+    recomputed = 0.0 if mode == "none" else none_bytes - kept  # per token
+    if pol.tiled_mlp:  # one chunk's intermediates, their gradients and (fp32 stream) its input casts
+        mlp_tr = (6 * a * f + (2 * a * d if r != a else 0)) / pol.tiled_mlp
+    else:  # MLP backward: silu(g) and up saved, d(product) in, d(silu) and d(up) out: +2 [T, f]
+        mlp_tr = 2 * a * f
+    # attention backward, once the MLP's tensors are freed: dq, dk, dv, the kernel's fp32 dq
+    # accumulator, and with Ulysses the all-to-all send/receive buffers of those gradients
+    attn_tr = (a * (qd + 2 * kvd) + 4 * qd + (2 * a * (qd + 2 * kvd) if lay.sp > 1 else 0)
+               - none_terms["mlp"] - none_terms["ffn_norm out"])
+    work = recomputed + max(mlp_tr, attn_tr) + r * dt  # + the incoming gradient of the residual
+    if pol.recompute_loops and core_blocks:
+        layer = (none_bytes * m.n_core if mode == "none" else none_bytes + r * dt * m.n_core) + max(mlp_tr, attn_tr)
+        work = max(work, layer)
+    layer_ws = work * T + (2 * blk if cast_w and mode != "none" else 0) + (6 if cast_w else 4) * blk  # + its weight grads
     if lay.tp > 1:
-        g["tp all-gather"] = 2 * a * T * d
-    if lay.fsdp > 1:
-        blk = pc["block"] / lay.tp
-        g["fsdp all-gather/reduce-scatter"] = 2 * 2 * blk + 4 * blk
-    elif a == 2:
-        g["autocast weight cache"] = 2 * p_local
-    out.gpu = {k: int(v) for k, v in g.items()}
+        comm["tp all-gather"] = 2 * a * T * d
+    if fsdp_on:  # current + prefetched block, its unsharded gradients and their fp32 reduce-scatter copy
+        red = 4 * blk if cfg.parallel.reduce_dtype == "fp32" and wb != 4 else 0
+        comm["fsdp block gathers"] = 2 * wb * blk + wb * blk + red
+    # ---- the phases --------------------------------------------------------------------------
+    g_acc = grads_full if accum else 0.0
+    # the head's gradient on top: none yet, or (accumulating, no FSDP) already inside grads_full;
+    # under FSDP the root's unsharded gradient comes on top of the sharded ones
+    g_head = (head_grad if fsdp_on else 0.0) if accum else head_grad
+    phases = {
+        "forward (loss)": {**base, "gradients": g_acc + (g_head if accum else 0), **acts,
+                           "weight copies": cache_w, **{k: v for k, v in comm.items() if k != "tp all-gather"},
+                           "logits/loss": loss_fwd},
+        "backward (loss)": {**base, "gradients": g_acc + (g_head if (pol.tiled_loss or accum) else 0),
+                            **acts, "weight copies": saved_w, **{k: v for k, v in comm.items() if k == "fsdp unsharded root"},
+                            "logits/loss": loss_bwd},
+        "backward (first block)": {**base, "gradients": g_acc + g_head, "activations": acts["activations"],
+                                   "weight copies": saved_w, "layer working set": layer_ws, **comm},
+        "optimizer step": {**base, "gradients": grads_full},
+    }
+    if phi:
+        phases["backward (first block)"]["offload buffers"] = (cfg.memory.offload_prefetch + 2) * r * dt * T * phi
+    out.phase_terms = {k: {n: int(x) for n, x in v.items() if x} for k, v in phases.items()}
+    out.phases = {k: sum(v.values()) for k, v in out.phase_terms.items()}
+    out.phase = max(out.phases, key=out.phases.get)
+    out.gpu = dict(out.phase_terms[out.phase])
     out.host = {k: int(v) for k, v in hst.items()}
     return out
 
@@ -458,19 +619,21 @@ def format_plan(cfg: Config, p: Plan) -> str:
             if k not in keys:
                 keys.append(k)
     short = {"parameters": "params", "gradients": "grads", "optimizer": "optim", "activations": "acts",
-             "offload buffers": "offbuf", "layer working set": "layerws", "logits/loss": "loss",
-             "ulysses all-to-all": "a2a", "tp all-gather": "tp-ag", "fsdp all-gather/reduce-scatter": "fsdp",
-             "autocast weight cache": "ac-cache"}
+             "head input": "head-in", "offload buffers": "offbuf", "layer working set": "layerws",
+             "logits/loss": "loss", "tp all-gather": "tp-ag", "fsdp unsharded root": "fsdp-rt",
+             "fsdp block gathers": "fsdp-blk", "weight copies": "wcopies"}
     cols = ["policy".ljust(40)] + [short.get(k, k)[:8].rjust(8) for k in keys] + \
-           ["GPU GiB".rjust(8), "host GiB".rjust(8), " fits"]
+           ["GPU GiB".rjust(8), "host GiB".rjust(8), "peak at".ljust(22), " fits"]
     lines = [head, "", " ".join(cols)]
     for e in p.rows:
         fits = e.gpu_total <= usable(p.budget) and e.host_total <= p.host_budget
         mark = " <- chosen" if e is p.chosen else ("  yes" if fits else "  no")
         vals = [_gib(e.gpu.get(k, 0)) for k in keys]
-        lines.append(" ".join([e.policy.name.ljust(40)] + vals + [_gib(e.gpu_total), _gib(e.host_total), mark]))
+        lines.append(" ".join([e.policy.name.ljust(40)] + vals +
+                              [_gib(e.gpu_total), _gib(e.host_total), e.phase.ljust(22), mark]))
+    lines.append("\nterms at the moment of each row's peak (see longtrain.memory.planner's docstring)")
     if p.chosen is None:
-        lines.append("\nnothing fits; see the error for what to change.")
+        lines.append("nothing fits; see the error for what to change.")
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ import torch
 from longtrain.config import ConfigError, load_config
 from longtrain.memory import planner
 from longtrain.memory.planner import (Layout, Policy, count_params, estimate, layer_activation_bytes,
-                                      plan, resolve_policy)
+                                      plan, residual_bytes, resolve_policy)
 from longtrain.models import build_model
 
 torch.set_num_threads(1)
@@ -28,21 +28,48 @@ def test_parameter_count_is_exact(extra):
 def test_parameter_gradient_and_optimizer_bytes_are_exact_and_sharded():
     cfg = cfg_for()
     n = count_params(cfg.model)["total"]
-    e = estimate(cfg, Layout(), Policy())
-    assert (e.gpu["parameters"], e.gpu["gradients"], e.gpu["optimizer"]) == (4 * n, 4 * n, 8 * n)
+    step = estimate(cfg, Layout(), Policy()).phase_terms["optimizer step"]
+    assert (step["parameters"], step["gradients"], step["optimizer"]) == (4 * n, 4 * n, 8 * n)
     e4 = estimate(cfg, Layout(dp_shard=4), Policy())
     assert e4.gpu["parameters"] == 4 * n // 4 and e4.gpu["optimizer"] == 8 * n // 4
+    assert e4.phase_terms["optimizer step"]["gradients"] == 4 * n // 4
     off = estimate(cfg, Layout(), Policy(optimizer_offload=True))
     assert "optimizer" not in off.gpu and off.host["optimizer"] == 16 * n
+
+
+def test_gradients_during_backward_are_only_the_heads_and_the_peak_is_the_largest_phase():
+    """Gradients are set to None each step: while the activations peak (start of backward) only
+    the output projection's gradient exists, not the blocks'; with accumulation all of them do."""
+    cfg = load_config("llama3.2-1b", ["data.seq_len=65536", "schedule.dtype=bf16"])
+    m = cfg.model
+    e = estimate(cfg, Layout(), Policy("full"))
+    assert e.gpu_total == max(e.phases.values()) and e.phases[e.phase] == e.gpu_total
+    assert e.phase_terms["backward (first block)"]["gradients"] == 4 * m.vocab_size * m.dim  # fp32 .grad
+    assert "gradients" not in e.phase_terms["backward (loss)"]  # untiled: the CE peak comes first
+    acc = load_config("llama3.2-1b", ["data.seq_len=65536", "schedule.dtype=bf16", "schedule.grad_accum=2"])
+    n = count_params(m)["total"]
+    assert estimate(acc, Layout(), Policy("full")).phase_terms["backward (loss)"]["gradients"] == 4 * n
+    # untiled loss at 64K: the cross-entropy backward holds three fp32 [T, V] tensors (31.3 GiB each)
+    assert e.phase == "backward (loss)"
+    assert e.gpu["logits/loss"] >= 12 * 65536 * m.vocab_size
 
 
 def test_llama3_8b_activation_formula():
     cfg = load_config("llama3-8b")
     m = cfg.model
-    assert layer_activation_bytes(m, Layout(), 2, "none") == 168072  # 164 KiB per token per layer
-    assert layer_activation_bytes(m, Layout(), 2, "full") == 8192  # the layer input
-    # 1M tokens, 32 layers, full recompute: 256 GiB of layer inputs, as the issue states
-    assert layer_activation_bytes(m, Layout(), 2, "full") * 32 * 2**20 == 256 * 2**30
+    # the residual stream is fp32 without FSDP (fp32 parameters), bf16 under FSDP2 param_dtype=bf16
+    assert residual_bytes(cfg, Layout(), 2) == 4 and residual_bytes(cfg, Layout(dp_shard=2), 2) == 2
+    assert residual_bytes(cfg, Layout(sp=2), 2) == 2 and residual_bytes(cfg, Layout(dp_shard=2), 4) == 4
+    # bf16 stream: 165 KiB per token per layer (1 KiB of it the rotary tables cast per call)
+    assert layer_activation_bytes(m, Layout(), 2, "none", r=2) == 169096
+    assert layer_activation_bytes(m, Layout(), 2, "full", r=2) == 8192  # the layer input
+    # 1M tokens, 32 layers, full recompute under FSDP bf16: 256 GiB of layer inputs
+    assert layer_activation_bytes(m, Layout(), 2, "full", r=2) * 32 * 2**20 == 256 * 2**30
+    # fp32 stream on one GPU: fp32 layer inputs and mid residuals, 3 + 2 bf16 casts of the norm outputs
+    assert layer_activation_bytes(m, Layout(), 2, "full", r=4) == 16384
+    assert layer_activation_bytes(m, Layout(), 2, "none", r=4) == 169096 + 2 * 2 * 4096 + (2 + 1) * 2 * 4096
+    # Ulysses: wo's input is a second copy of the attention output (the inverse all-to-all's result)
+    assert layer_activation_bytes(m, Layout(sp=2), 2, "none", r=2) == 169096 + 2 * 4096
 
 
 def test_formula_matches_what_autograd_saves_for_one_block_fp32():
@@ -70,6 +97,36 @@ def test_formula_matches_what_autograd_saves_for_one_block_fp32():
     # fused kernel keeps input and rstd only, which is what the formula counts
     predicted = layer_activation_bytes(cfg.model, Layout(), 4, "none") + 2 * 4 * cfg.model.dim
     assert abs(measured - predicted) / predicted < 0.05, (measured, predicted)
+
+
+def test_formula_matches_what_autograd_saves_under_bf16_autocast_with_fp32_params():
+    """One GPU, no FSDP: fp32 parameters under bf16 autocast make the residual stream fp32, and
+    each linear saves its own bf16 cast of the norm output (3 for wq/wk/wv, 2 for w1/w3)."""
+    cfg = cfg_for("schedule.dtype=bf16", "model.attn_backend=sdpa")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    block = model.layers["0"]
+    B, S = 1, 128
+    x = torch.randn(B, S, cfg.model.dim, requires_grad=True)
+    cos, sin = model.rotary(torch.arange(S)[None])
+    storages = {}
+
+    def pack(t):
+        if S in t.shape:  # per-token tensors; the weights' bf16 copies have no token dimension
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, cos, sin)
+    measured = sum(storages.values()) / (B * S)
+    r = residual_bytes(cfg, Layout(), 2)
+    assert r == 4
+    # the CPU's decomposed RMSNorm also keeps the fp32 normalised x (one more 4·d per norm)
+    predicted = layer_activation_bytes(cfg.model, Layout(), 2, "none", r=r) + 2 * 4 * cfg.model.dim
+    assert abs(measured - predicted) / predicted < 0.02, (measured, predicted)
+    # the bf16-stream formula (what the planner used to assume here) misses a fifth of it
+    assert layer_activation_bytes(cfg.model, Layout(), 2, "none", r=2) + 2 * 4 * cfg.model.dim < 0.85 * measured
 
 
 def test_auto_picks_none_when_plentiful_and_escalates_as_budget_shrinks():
