@@ -227,16 +227,23 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
 
     def state_dict(self):
         """The inner optimizer's state dict: standard layout, same parameter order as the model's
-        groups, host tensors. Masters are not saved: they are re-read from the restored weights."""
+        groups, host tensors, and every key of the model's groups (``initial_lr``, ``name``: what
+        ``get_state_dict`` flattens per parameter and asks back on load). Masters are not saved:
+        they are re-read from the restored weights."""
         sd = self.inner.state_dict()
         for og, ig in zip(self.param_groups, sd["param_groups"]):
-            ig.update({k: og[k] for k in ("lr", "betas", "eps", "weight_decay")})
+            ig.update({k: v for k, v in og.items() if k != "params"})
         return sd
 
     def load_state_dict(self, state_dict) -> None:
-        self.inner.load_state_dict(state_dict)
-        for og, ig in zip(self.param_groups, self.inner.param_groups):
-            og.update({k: ig[k] for k in ("lr", "betas", "eps", "weight_decay") if k in ig})
+        # a flattened checkpoint's groups hold only the keys of ``param_groups`` (get_state_dict
+        # rebuilds them from those): the inner optimizer keeps its own other settings
+        groups = state_dict["param_groups"]
+        inner_groups = [{**{k: v for k, v in ig.items() if k != "params"},
+                         **{k: v for k, v in g.items() if k in ig}} for ig, g in zip(self.inner.param_groups, groups)]
+        self.inner.load_state_dict({**state_dict, "param_groups": inner_groups})
+        for og, g in zip(self.param_groups, groups):
+            og.update({k: v for k, v in g.items() if k != "params"})
         self.reload_masters()
 
     @torch.no_grad()

@@ -36,10 +36,17 @@ the schedule, each copy's gradient is replaced by the sum over all copies: summe
 (several stages on one rank), then all-reduced over the pp ranks that hold it. Every copy then
 takes the same optimizer step and stays equal. The gradient norm counts one copy only: the
 others are marked ``_pp_replica`` and ``parallel.reduce.grad_norm`` skips them.
+
+Checkpoint names. ``PipelineModel`` holds its stages as ``parts.<i>``, so ``get_state_dict`` names
+a weight ``parts.1.layers.5.attention.wq.weight``. ``checkpoint_key`` gives the whole model's name
+instead (the stage models keep the full model's names, so dropping ``parts.<i>.`` is enough; for
+optimizer state a tied weight also takes the name the whole model's optimizer uses). The
+checkpoint manager saves under those names, so a checkpoint loads into any pipeline split, or none.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 import torch
@@ -85,6 +92,9 @@ def n_microbatches(cfg) -> int:
     return n
 
 
+_PART_PREFIX = re.compile(r"^parts\.\d+\.")
+
+
 def _module_key(fqn: str) -> str:
     """Which top-level part (as in ``owned_modules``) a parameter name belongs to."""
     parts = fqn.split(".")
@@ -112,6 +122,8 @@ class PipelineModel(nn.Module):
         self.has_last = any(s.is_last for s in stages)
         self._denominator = torch.ones((), device=dims.device)
         self._shared: list = []  # (group or None, [(name, [local copies])]) -- see _plan_shared
+        # a tied weight's other names -> the name the whole model's optimizer state uses (its first)
+        self.tied_names: dict[str, str] = {}
 
     def forward(self, *args, **kwargs):
         raise TypeError("a PipelineModel has no plain forward: the trainer calls step() "
@@ -180,6 +192,22 @@ class PipelineModel(nn.Module):
                         p.grad = torch.zeros_like(p)
                     _local(p.grad).copy_(total)
 
+    # ------------------------------------------------------------------ checkpoint names
+
+    def checkpoint_key(self, key: str, optimizer: bool = False) -> str:
+        """The whole model's name for a ``get_state_dict`` key of this module.
+
+        ``key`` is a parameter/buffer name (model state) or, with ``optimizer``, that name followed
+        by the state's own path (``parts.1.head.output.weight.exp_avg``). Copies of a shared weight
+        (on several stages of this rank) all map to one name; the checkpoint keeps one of them.
+        """
+        key = _PART_PREFIX.sub("", key, count=1)
+        if optimizer:  # the whole model's optimizer keys a tied weight by its first name only
+            for alias, first in self.tied_names.items():
+                if key == alias or key.startswith(alias + "."):
+                    return first + key[len(alias):]
+        return key
+
     def describe(self) -> str:
         n = len(self.specs)
         lines = [f"pipeline: {n} stages over pp={self.dims.pp}, {type(self.schedule).__name__}, "
@@ -217,6 +245,7 @@ def _plan_shared(pm: PipelineModel, model: nn.Module, local_stages: list[int]) -
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases[id(p)].append(name)
     canonical = {a: names[0] for names in aliases.values() for a in names}
+    pm.tied_names = {a: c for a, c in canonical.items() if a != c}
     holders: dict[str, list[int]] = defaultdict(list)
     for spec in pm.specs:
         keep = owned_modules(spec, model.cfg)

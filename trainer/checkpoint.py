@@ -22,6 +22,13 @@ The idea, per property:
   data-loader position, train counters) are pickled blobs; the data position is global (samples
   consumed), so a different dp size continues at the same place. RNG states are per rank and are
   restored only when the layout is unchanged.
+- **Named as the whole model.** Keys are the full model's parameter names whatever the layout:
+  a pipeline's stage prefix (``parts.<i>.``) is dropped (``PipelineModel.checkpoint_key``) and the
+  optimizer state is flattened to one key per parameter (``state.<fqn>.exp_avg``,
+  ``param_groups.<fqn>.lr``), so a checkpoint written with one pipeline split loads into another,
+  or into none. A weight several stages hold (looped core, tied embedding) is written by each of
+  their ranks under one name with equal values; DCP keeps one copy, and a rank holding several
+  copies writes one and fills the others from it on load.
 - **Atomic.** Ranks write into ``step-N.tmp/``; rank 0 then checks that DCP's metadata is there
   and that every file it references exists and is long enough, renames the directory to
   ``step-N/`` and replaces ``latest`` with ``os.replace``. A killed save leaves only a ``.tmp``
@@ -66,7 +73,9 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 LATEST = "latest"
-FORMAT_VERSION = 1
+# 2: optimizer state flattened per parameter, keys named as the whole model (1: nested
+# ``param_groups.<i>``, pipeline stage prefixes; still read when no pipeline is involved)
+FORMAT_VERSION = 2
 # A process that saved on SIGTERM/SIGUSR1 and exits so the scheduler can requeue it exits with this
 # code; launchers restart (or requeue) on it without counting a failure.
 EXIT_CODE_CHECKPOINTED = 85
@@ -306,6 +315,45 @@ def _describe_error(err: BaseException) -> str:
             parts.append(f"rank {rank}: {type(exc).__name__}: {exc}")
         return "; ".join(parts)
     return f"{type(err).__name__}: {err}"
+
+
+def _checkpoint_key_fn(model, optimizer: bool):
+    """Local ``get_state_dict`` key -> the checkpoint's key (the whole model's name)."""
+    key = getattr(model, "checkpoint_key", None)
+    if key is None:
+        return lambda k: k
+    if not optimizer:
+        return key
+
+    def optim_key(k: str) -> str:  # "state.<fqn>.exp_avg", "param_groups.<fqn>.lr"
+        section, _, rest = k.partition(".")
+        return f"{section}.{key(rest, optimizer=True)}"
+
+    return optim_key
+
+
+def _to_checkpoint_names(local: dict, key_fn) -> tuple[dict, dict, dict[str, str]]:
+    """``(local re-keyed by key_fn, local, the key map)``. Of several local keys with one name
+    (copies of a shared weight on this rank, equal by construction) the first is written."""
+    named, names = {}, {}
+    for k, v in local.items():
+        names[k] = key_fn(k)
+        named.setdefault(names[k], v)
+    return named, local, names
+
+
+def _from_checkpoint_names(loaded: dict, local: dict, names: dict[str, str]) -> dict:
+    """What DCP loaded under checkpoint names, back under ``local``'s keys. DCP fills tensors in
+    place; another copy of the same weight is filled from it (its own storage: two copies must not
+    share optimizer state tensors, or each step would update them twice)."""
+    out = {}
+    for k, v in local.items():
+        got = loaded[names[k]]
+        if isinstance(v, torch.Tensor) and got is not v:
+            v.copy_(got)
+            got = v
+        out[k] = got
+    return out
 
 
 def _log(msg: str) -> None:
@@ -598,10 +646,10 @@ class Checkpointer:
         (tmp / "config.yaml").write_text(self.cfg.to_yaml())
 
     def _state_for_save(self) -> dict:
-        model_sd, optim_sd = self._get_model_optim()
-        state: dict = {"model": model_sd}
-        if optim_sd is not None:
-            state["optimizer"] = optim_sd
+        model, optim = self._named_state_dicts()
+        state: dict = {"model": model[0]}
+        if optim is not None:
+            state["optimizer"] = optim[0]
         for key, obj in self._small_states(restore_data=True).items():
             state[key] = _blob(obj.state_dict())
         state["rng"] = {f"rank{self.rank}": _blob(rng_state())}
@@ -611,21 +659,27 @@ class Checkpointer:
 
     def load(self, path: str | os.PathLike, restore_data: bool = True) -> None:
         """Load a checkpoint into the live objects (any layout: DCP reshards)."""
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         path = Path(path)
         metadata = verify_checkpoint(path)
         saved_cfg = read_config(path)
         meta = read_meta(path)
         check_model_compatible(path, saved_cfg, self.cfg.model)
-        model_sd, optim_sd = self._get_model_optim()
-        check_tensor_shapes(path, metadata, "model", model_sd)
         keys = set(metadata.state_dict_metadata)
-        state: dict = {"model": model_sd}
-        if optim_sd is not None:
+        flat_optim = int(meta.get("format", 1)) >= 2
+        if not flat_optim and hasattr(self.model, "checkpoint_key"):
+            raise CheckpointMismatch(
+                f"checkpoint {path} is in format 1 (meta.json), which a pipeline (parallel.pp="
+                f"{getattr(self.dims, 'pp', '?')}) cannot read; load it with parallel.pp=1 and save again "
+                f"(any step), then resume that checkpoint with the pipeline.")
+        model, optim = self._named_state_dicts(flat_optim)
+        check_tensor_shapes(path, metadata, "model", model[0])
+        state: dict = {"model": model[0]}
+        if optim is not None:
             if not any(k.startswith("optimizer.") for k in keys):
                 raise CheckpointMismatch(f"checkpoint {path} holds no optimizer state; this run needs one.")
-            state["optimizer"] = optim_sd
+            state["optimizer"] = optim[0]
         small = self._small_states(restore_data)
         for key in small:
             if key not in keys:
@@ -640,8 +694,12 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures in CheckpointException
             raise CheckpointCorrupt(f"checkpoint {path} could not be read: {type(e).__name__}: "
                                     f"{str(e)[:2000]}") from e
-        set_state_dict(self.model, self.optimizer if optim_sd is not None else [],
-                       model_state_dict=state["model"], optim_state_dict=state.get("optimizer", {}))
+        # state["model"] / state["optimizer"] now hold what was read (tensors filled in place)
+        model_local = _from_checkpoint_names(state["model"], *model[1:])
+        optim_local = _from_checkpoint_names(state["optimizer"], *optim[1:]) if optim is not None else {}
+        set_state_dict(self.model, self.optimizer if optim is not None else [],
+                       model_state_dict=model_local, optim_state_dict=optim_local,
+                       options=StateDictOptions(flatten_optimizer_state_dict=flat_optim))
         for key, obj in small.items():
             obj.load_state_dict(_unblob(state[key]))
         if "rng" in state:
@@ -664,12 +722,26 @@ class Checkpointer:
             out["train_state"] = self.state
         return out
 
-    def _get_model_optim(self):
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    def _named_state_dicts(self, flat_optim: bool = True):
+        """Model and optimizer (None without one) state dicts as ``(keyed as the checkpoint names
+        them, as get_state_dict keys them, the key map)``.
 
+        The optimizer state is flattened to one key per parameter: ranks holding different
+        parameters (pipeline stages) then never write one key with different contents. (Nested, the
+        ``param_groups.<i>.params`` lists of the stages collided and DCP kept one rank's, so the
+        other stages lost their hyper-parameters on resume.)
+        """
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_state_dict)
+
+        opts = StateDictOptions(flatten_optimizer_state_dict=flat_optim)
         if self.optimizer is None:
-            return get_model_state_dict(self.model), None
-        return get_state_dict(self.model, self.optimizer)
+            msd, osd = get_model_state_dict(self.model, options=opts), None
+        else:
+            msd, osd = get_state_dict(self.model, self.optimizer, options=opts)
+        model = _to_checkpoint_names(msd, _checkpoint_key_fn(self.model, optimizer=False))
+        optim = None if osd is None else _to_checkpoint_names(osd, _checkpoint_key_fn(self.model, optimizer=True))
+        return model, optim
 
     # ---------------------------------------------------------------- collectives
 
