@@ -517,7 +517,8 @@ def tiling_sizes(cfg: Config, lay: Layout) -> tuple[int, int]:
 
 
 def candidate_policies(cfg: Config, lay: Layout) -> list[Policy]:
-    """Cheapest first: least recompute, then least offload, then tiling, then optimizer offload.
+    """Cheapest first: least recompute, then least offload, then tiled MLP (with each offload
+    fraction), then optimizer offload.
 
     The tiled loss joins from the second rung on: it recomputes only the output projection (one
     [T, dim] x [dim, vocab] product), less than any block recompute, and removes the largest
@@ -530,10 +531,13 @@ def candidate_policies(cfg: Config, lay: Layout) -> list[Policy]:
     base = Policy("full", recompute_loops=looped, tiled_loss=loss)
     if looped:
         ladder.append(base)
-    for phi in (0.25, 0.5, 0.75, 1.0):
-        ladder.append(dataclasses.replace(base, offload_fraction=phi))
-    tiled = dataclasses.replace(base, offload_fraction=1.0, tiled_mlp=mlp)
-    ladder += [tiled, dataclasses.replace(tiled, optimizer_offload=True)]
+    fractions = (0.25, 0.5, 0.75, 1.0)
+    ladder += [dataclasses.replace(base, offload_fraction=phi) for phi in fractions]
+    # tiled MLP recomputes each chunk's intermediate once more, so it comes after every offload
+    # rung; with it, a partial offload often fits where the host cannot take every layer input
+    tiled = dataclasses.replace(base, tiled_mlp=mlp)
+    ladder += [dataclasses.replace(tiled, offload_fraction=phi) for phi in (0.0,) + fractions]
+    ladder += [dataclasses.replace(tiled, offload_fraction=phi, optimizer_offload=True) for phi in fractions]
     return ladder
 
 

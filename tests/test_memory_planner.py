@@ -138,14 +138,18 @@ def test_auto_picks_none_when_plentiful_and_escalates_as_budget_shrinks():
     # shrink the budget to just above each rung's need: the choice walks down the ladder
     cfg = cfg_for("memory.policy=auto", "data.seq_len=4096", "model.vocab_size=4096")
     rows = plan(cfg).rows
-    for i, row in enumerate(rows):
+    # shrinking budgets, each just above one rung's need: the choice walks down the ladder, is
+    # always the first rung that fits, and never a leaner one than the rung the budget was made for
+    for row in sorted(rows, key=lambda r: -r.gpu_total):
         gb = (row.gpu_total + 1) / planner.GiB
         budget = (gb + 1) / (1 - planner.RESERVE_FRACTION)  # usable() = budget*(1-f) - 1 GiB
         p = plan(cfg_for("memory.policy=auto", "data.seq_len=4096", "model.vocab_size=4096",
                          f"memory.gpu_budget_gb={budget}"))
         assert p.chosen is not None
-        got = [r.policy.name for r in p.rows].index(p.chosen.policy.name)
-        assert got <= i  # never leaner than needed
+        names = [r.policy.name for r in p.rows]
+        got = names.index(p.chosen.policy.name)
+        assert got <= names.index(row.policy.name)
+        assert all(r.gpu_total > planner.usable(p.budget) or r.host_total > p.host_budget for r in p.rows[:got])
         chosen.append(got)
     assert chosen == sorted(chosen) and chosen[-1] > 0, chosen  # escalates as budgets shrink
     assert names[0] == "none" and names[-1].endswith("optim-cpu")
