@@ -3,8 +3,8 @@
 Owns: the name map between our Llama and transformers' ``LlamaForCausalLM``, translating HF's
 ``rope_parameters`` / ``rope_scaling`` (default, linear, dynamic, yarn, llama3) to
 ``ModelConfig.rope_scaling`` and back, ``resolve_hf_config`` (the run's model config checked
-against an HF directory before the model is built), ``load_hf_weights`` (a possibly sharded
-model initialised from local safetensors) and ``export_hf`` (a DCP checkpoint to an HF
+against an HF directory before the model is built), ``load_hf_weights`` (a possibly sharded or
+pipeline-split model initialised from local safetensors) and ``export_hf`` (a DCP checkpoint to an HF
 directory). Local directories only: nothing is downloaded.
 
 Why no q/k permutation: Meta's original checkpoints rotate interleaved pairs, and HF permutes
@@ -253,14 +253,24 @@ def read_hf_state_dict(hf_dir: str | os.PathLike, m: ModelConfig) -> dict[str, t
     if unknown:
         raise HFError(f"{d}: tensors with no longtrain counterpart: {unknown[:6]}; only plain Llama weights "
                       f"can be imported.")
-    if m.tie_embeddings:
+    if m.tie_embeddings:  # the head is the embedding (a pipeline's last stage holds it without the embedding)
         out.pop("head.output.weight", None)
+        if "tok_embeddings.weight" in out:
+            out["head.output.weight"] = out["tok_embeddings.weight"]
     return out
 
 
 def load_hf_weights(model: torch.nn.Module, hf_dir: str | os.PathLike, m: ModelConfig) -> None:
-    """Copy HF weights into ``model`` (plain, FSDP2 or tensor-parallel: each rank keeps its shard)."""
+    """Copy HF weights into ``model`` (plain, FSDP2 or tensor-parallel: each rank keeps its shard;
+    a pipeline's stages: each takes the weights of the parts it holds).
+
+    The model's state-dict keys are matched to the HF tensors by the whole model's names, through
+    ``model.checkpoint_key`` where it has one -- the mapping checkpoints use, which drops a
+    ``PipelineModel``'s ``parts.<i>.`` stage prefix.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    from longtrain.models import build_model
 
     hf = read_hf_config(hf_dir)
     theirs = hf_model_config(hf, m, where=f"{hf_dir}/config.json")
@@ -269,19 +279,26 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | os.PathLike, m: ModelC
     if diffs:
         raise HFError(f"{hf_dir}: the model does not match its config.json: " + "; ".join(diffs))
     sd = read_hf_state_dict(hf_dir, m)
-    current = get_model_state_dict(model)
-    expected = {k for k, v in current.items() if isinstance(v, torch.Tensor)}
-    if m.tie_embeddings:
-        expected.discard("head.output.weight")
+    with torch.device("meta"):  # the whole model's names: a pipeline rank holds only some of them
+        expected = set(build_model(m).state_dict())
     missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing or extra:
         raise HFError(f"{hf_dir}: weights do not match the model: missing {missing[:6]}, unexpected {extra[:6]}.")
-    for k, t in sd.items():
-        if tuple(t.shape) != tuple(current[k].shape):
-            raise HFError(f"{hf_dir}: {ours_to_hf(k)} has shape {tuple(t.shape)}, the model's {k} needs "
-                          f"{tuple(current[k].shape)}.")
-        sd[k] = t.to(current[k].dtype)
-    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=not m.tie_embeddings))
+    key = getattr(model, "checkpoint_key", None) or (lambda k: k)
+    current = get_model_state_dict(model)
+    local = {}
+    for k, v in current.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        name = key(k)
+        if name not in sd:
+            raise HFError(f"{hf_dir}: the model's {k} ({name}) has no Hugging Face counterpart.")
+        t = sd[name]
+        if tuple(t.shape) != tuple(v.shape):
+            raise HFError(f"{hf_dir}: {ours_to_hf(name)} has shape {tuple(t.shape)}, the model's {name} needs "
+                          f"{tuple(v.shape)}.")
+        local[k] = t.to(v.dtype)
+    set_model_state_dict(model, local, options=StateDictOptions(full_state_dict=True))
 
 
 def write_hf(state: dict[str, torch.Tensor], m: ModelConfig, out_dir: str | os.PathLike, dtype: str = "float32",
