@@ -8,15 +8,19 @@ sample indices read and a sha1 of the exact tokens. The final model's lineage (p
 of the last attempt that completed it) must hold every step exactly once, with the undisturbed
 run's samples, digests and losses, and every global sample index exactly once.
 
-Faults come from ``LONGTRAIN_FAULT`` (``longtrain.trainer.faults``); Ray and Slurm restarts are
+Besides the fixed kill points, one more is drawn at random each run (its seed is in the test id;
+``LONGTRAIN_FAULT_SEED`` replays it). Faults come from ``LONGTRAIN_FAULT`` (``longtrain.trainer.faults``); Ray and Slurm restarts are
 covered by tests/test_launch_ray.py and tests/test_launch_slurm.py.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
 import re
 import subprocess
+import time
 from collections import Counter
 
 import pytest
@@ -68,7 +72,23 @@ CASES = [  # (phase, step, rank, extra overrides): kill points spread over steps
 ]
 
 
-@pytest.mark.parametrize("phase,step,rank,extra", CASES, ids=[f"{c[0]}-step{c[1]}-rank{c[2]}" for c in CASES])
+def random_case(seed: int):
+    """One more kill point drawn at random: any phase, any rank, any step after the first checkpoint
+    (a checkpoint-write kill only where a save happens). The seed is in the test's id; rerun a
+    failure with LONGTRAIN_FAULT_SEED=<seed>."""
+    rng = random.Random(seed)
+    phase = rng.choice(["forward", "backward", "optimizer", "checkpoint-write"])
+    step = rng.choice(range(2 * EVERY, STEPS, EVERY)) if phase == "checkpoint-write" else rng.randrange(EVERY, STEPS)
+    extra = ("checkpoint.async_save=true",) if phase == "checkpoint-write" and rng.random() < 0.5 else ()
+    return phase, step, rng.randrange(NPROC), extra
+
+
+_SEED = int(os.environ.get("LONGTRAIN_FAULT_SEED", time.time_ns() % 2**31))
+CASES.append(random_case(_SEED))
+IDS = [f"{c[0]}-step{c[1]}-rank{c[2]}" for c in CASES[:-1]] + [f"random-seed{_SEED}-{CASES[-1][0]}-step{CASES[-1][1]}-rank{CASES[-1][2]}"]
+
+
+@pytest.mark.parametrize("phase,step,rank,extra", CASES, ids=IDS)
 def test_killed_worker_restarts_and_loses_nothing(tmp_path, undisturbed, phase, step, rank, extra):
     r = launch(tmp_path, f"kill@step:{step}:phase={phase}:rank={rank}", *extra)
     out = r.stdout + r.stderr
