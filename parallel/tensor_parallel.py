@@ -99,16 +99,21 @@ def apply_tensor_parallel(model: nn.Module, dims) -> nn.Module:
         return model
     tp_mesh = dims.get_mesh("tp")
     cfg = model.cfg
-    if cfg.tie_embeddings:
-        raise NotImplementedError("model.tie_embeddings=true with parallel.tp>1 is not supported yet: "
-                                  "the embedding and the output head would be sharded as two different "
-                                  "parameters. Use tie_embeddings=false or tp=1.")
     # the top level: embedding in, head out; the residual stream in between is Shard(1)
     parallelize_module(model, tp_mesh, {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "head.norm": SequenceParallel(),
         "head.output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
     })
+    head = getattr(model, "head", None)
+    if cfg.tie_embeddings and getattr(model, "tok_embeddings", None) is not None and head is not None:
+        # both plans shard the [vocab, dim] weight along the vocabulary (Shard(0)), but each
+        # distributes its own copy; point the head back at the embedding's DTensor so the tie (one
+        # parameter, gradients of both uses summed into it) survives. (A pipeline stage holding only
+        # one of the two keeps its own copy; the pipeline sums the copies' gradients across stages.)
+        emb = model.tok_embeddings.weight
+        assert emb.placements == head.output.weight.placements, (emb.placements,)
+        head.output.weight = emb
     if getattr(model, "inject", None) is not None:
         # token-wise projection of [state, prelude output] on the sequence shard; replicated weight
         parallelize_module(model.inject, tp_mesh, SequenceParallel(use_local_output=True))

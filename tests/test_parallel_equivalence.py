@@ -182,6 +182,8 @@ LAYOUTS = {
     "sp2": (LLAMA, {"sp": 2}, 2),
     "sp4_kv_replication": (LLAMA, {"sp": 4}, 4),  # 2 KV heads over 4 ranks: each repeated twice
     "tp2": (LLAMA, {"tp": 2}, 2),
+    "tp2_tied_embeddings": (LLAMA + ["model.tie_embeddings=true"], {"tp": 2}, 2),
+    "dp_shard2_tp2_tied_embeddings": (LLAMA + ["model.tie_embeddings=true"], {"dp_shard": 2, "tp": 2}, 4),
     "tp2_sp2": (LLAMA, {"tp": 2, "sp": 2}, 4),
     "dp_shard2_sp2": (LLAMA, {"dp_shard": 2, "sp": 2}, 4),
     "dp_replicate2_dp_shard2": (LLAMA, {"dp_replicate": 2, "dp_shard": 2}, 4),

@@ -226,3 +226,13 @@ def test_dp_shard2_pp2_sp2_matches_single_process():
     assert_equal_to_single_process(run_distributed(
         compare_pipeline, 8, LLAMA, {"pp": 2, "sp": 2, "dp_shard": 2, "pp_schedule": "1f1b"},
         init_process_group=False, timeout=300))
+
+
+
+def test_pp2_tp2_tied_embeddings_is_refused_with_the_fix():
+    from longtrain.config import ConfigError, load_config
+    from longtrain.parallel.pipeline_split import check_pipeline_config
+
+    cfg = load_config(None, LLAMA + ["model.tie_embeddings=true", "parallel.pp=2", "parallel.tp=2", "data.seq_len=64"])
+    with pytest.raises(ConfigError, match=r"tie_embeddings=true with parallel.pp=2 and parallel.tp=2.*tie_embeddings=false"):
+        check_pipeline_config(cfg)
