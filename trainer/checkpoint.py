@@ -388,8 +388,11 @@ class Checkpointer:
         self._pending: Optional[tuple[int, Path, Any]] = None  # (step, tmp dir, future)
         self._last_saved_step = -1
         self._last_save_time = time.monotonic()
-        self._save_requested = False
-        self._exit_requested = False
+        # requests count up (a signal handler may run between any two bytecodes, also while
+        # after_step waits in its collective); after_step acts on the counts it has not seen yet,
+        # so a request that lands mid-decision is kept for the next step instead of being cleared
+        self._save_requests = self._exit_requests = 0
+        self._save_seen = self._exit_seen = 0
         self._signals_installed: list = []
         self._rollbacks: dict[str, int] = {}
         self.loaded_from: Optional[Path] = None
@@ -445,15 +448,16 @@ class Checkpointer:
         step = self.step
         every = self.ccfg.every_steps
         due = bool(every) and step % every == 0
-        flags = [self._save_requested or (self.ccfg.every_seconds > 0 and
-                                          time.monotonic() - self._last_save_time >= self.ccfg.every_seconds),
-                 self._exit_requested]
+        saves, exits = self._save_requests, self._exit_requests  # one read each: a snapshot
+        flags = [saves != self._save_seen or (self.ccfg.every_seconds > 0 and
+                                             time.monotonic() - self._last_save_time >= self.ccfg.every_seconds),
+                 exits != self._exit_seen]
+        self._save_seen, self._exit_seen = saves, exits
         if self.distributed:  # the same decision on every rank (signals arrive at different steps)
             t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=self._collective_device())
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flags = [bool(x) for x in t.tolist()]
         on_demand, exit_after = flags
-        self._save_requested = self._exit_requested = False
         if due or on_demand:
             self.save(sync=exit_after or not self.ccfg.async_save)
         if exit_after:
@@ -476,8 +480,9 @@ class Checkpointer:
 
     def request_save(self, exit_after: bool = False) -> None:
         """Save at the next ``after_step`` (safe to call from a signal handler)."""
-        self._save_requested = True
-        self._exit_requested = self._exit_requested or exit_after
+        self._save_requests += 1
+        if exit_after:
+            self._exit_requests += 1
 
     def install_signal_handlers(self, signals=(signal.SIGTERM, signal.SIGUSR1), exit_after: bool = True) -> None:
         """On each of ``signals``: save at the next step, then (``exit_after``) exit with
