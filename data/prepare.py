@@ -123,6 +123,16 @@ def _shard_texts(texts: Iterator[tuple[str, str]], shard_bytes: int) -> Iterator
         yield batch
 
 
+def _worker_signals() -> None:
+    """Pool workers die on SIGTERM (``Pool.terminate``) even when the parent had installed a
+    Python handler for it (a trainer in the same process): a forked worker inherits the handler,
+    which would only record the signal while the worker waits on the task queue forever."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+
 def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, *, tokenizer: str = "byte", fmt: str = "auto",
             text_field: str = "text", text_column: str = "text", workers: int = 1, shard_mb: float = 64.0,
             row_group_tokens: int = 1 << 16, on_bad_document: str = "error", stdlib_mb: Optional[float] = None,
@@ -182,7 +192,7 @@ def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, *, tokenizer: str
     else:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are the parallelism
         ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-        with ctx.Pool(workers) as pool:
+        with ctx.Pool(workers, initializer=_worker_signals) as pool:
             pending: list = []
             for index, texts in enumerate(stream):
                 if index in done:

@@ -16,7 +16,7 @@ over t, projection inputs gathered).
 
 The residual stream (``residual_bytes``): without FSDP the parameters are fp32, the embedding
 lookup is not an autocast op and ``x + branch`` promotes to fp32, so r = 4 even under bf16
-autocast; under FSDP2 with param_dtype bf16, r = 2. When r != a every linear casts its fp32
+autocast; under FSDP2 with param_dtype bf16 (one process in bf16 included), r = 2. When r != a every linear casts its fp32
 input itself (autocast caches casts of leaf weights only): wq, wk, wv save three bf16 copies of
 the attention-norm output, w1 and w3 two of the ffn-norm output.
 
@@ -255,27 +255,38 @@ def act_bytes(cfg: Config) -> int:
     return 2 if dt == "bf16" else 4
 
 
-def uses_fsdp(lay: Layout) -> bool:
-    return lay.dp_replicate * lay.fsdp > 1  # parallel.fsdp.uses_fsdp
+def _param_bytes(cfg: Config, a: int) -> int:
+    p = cfg.parallel.param_dtype
+    if p == "auto":  # follows schedule.dtype (parallel.fsdp.param_dtype_name)
+        return a
+    return 2 if p == "bf16" else 4
+
+
+def uses_fsdp(lay: Layout, cfg: Config | None = None, a: int | None = None) -> bool:
+    """As ``parallel.fsdp.uses_fsdp``: sharded over dp, or one process wrapped for bf16 weights."""
+    if lay.dp_replicate * lay.fsdp > 1:
+        return True
+    if cfg is None or lay.world != 1:
+        return False
+    return _param_bytes(cfg, act_bytes(cfg) if a is None else a) == 2
 
 
 def weight_bytes(cfg: Config, lay: Layout, a: int) -> int:
     """Bytes of the weights the matmuls see: FSDP2's unsharded ``param_dtype`` copy, else fp32."""
-    if not uses_fsdp(lay):
+    if not uses_fsdp(lay, cfg, a):
         return 4
-    p = cfg.parallel.param_dtype
-    if p == "auto":  # follows schedule.dtype (parallel.fsdp.mixed_precision)
-        return a
-    return 2 if p == "bf16" else 4
+    return _param_bytes(cfg, a)
 
 
 def residual_bytes(cfg: Config, lay: Layout, a: int) -> int:
     """Bytes per element of the residual stream (every block's input and output).
 
-    Without FSDP the parameters are fp32: the embedding lookup is not an autocast op, so its
+    Without FSDP (pipeline or tensor parallel with no data parallelism, or
+    ``parallel.param_dtype=fp32``) the parameters are fp32: the embedding lookup is not an autocast op, so its
     output is fp32, and ``x + bf16_branch`` promotes back to fp32 after every attention and MLP,
     so the block inputs and the norms' inputs/outputs are fp32 even under bf16 autocast. Under
-    FSDP2 with ``param_dtype=bf16`` the embedding weight is bf16 and the stream is bf16.
+    FSDP2 with ``param_dtype=bf16`` (on one process too: a one-rank mesh) the embedding weight is
+    bf16 and the stream is bf16.
     """
     return 4 if a == 4 else weight_bytes(cfg, lay, a)
 
@@ -359,7 +370,7 @@ def estimate(cfg: Config, lay: Layout, pol: Policy) -> Estimate:
     a = act_bytes(cfg)
     r = residual_bytes(cfg, lay, a)
     wb = weight_bytes(cfg, lay, a)
-    fsdp_on = uses_fsdp(lay)
+    fsdp_on = uses_fsdp(lay, cfg, a)
     cast_w = a == 2 and wb == 4  # autocast makes bf16 copies of fp32 weights
     T = cfg.data.batch_size * cfg.data.seq_len / lay.sp
     w = _widths(m, lay)

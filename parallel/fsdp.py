@@ -16,6 +16,13 @@ policy, and the gradient reduction that makes the result exactly the single-proc
   sp), so the exact gradient is the SUM over ranks. FSDP averages by default; here the divide
   factor is 1 and only sum reductions are used (``set_force_sum_reduction_for_comms``, also
   needed by gloo, which has no pre-multiplied sum).
+- One process in bf16: FSDP2 over a one-rank mesh, used for its mixed precision only (bf16
+  weights for the matmuls and a bf16 residual stream over fp32 master weights), so one GPU
+  computes in the same precision as many and keeps half the activation bytes; plain bf16
+  autocast over fp32 weights would leave the stream -- every saved or offloaded layer input --
+  in fp32. ``parallel.param_dtype=fp32`` turns it off. The one-rank group is started by
+  ``parallel.mesh.init_distributed``; with pipeline or tensor parallelism and no data
+  parallelism the stages keep fp32 weights under autocast (not wrapped).
 """
 
 from __future__ import annotations
@@ -27,15 +34,26 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def mixed_precision(cfg, device: torch.device) -> MixedPrecisionPolicy:
-    p = cfg.parallel
-    param = p.param_dtype
-    if param == "auto":  # follow the run's compute dtype: schedule.dtype=fp32 means fp32 everywhere
+def param_dtype_name(cfg, device_type: str) -> str:
+    """``parallel.param_dtype`` resolved: "auto" follows the run's compute dtype
+    (``schedule.dtype``, itself bf16 on GPU and fp32 on CPU when "auto")."""
+    param = cfg.parallel.param_dtype
+    if param == "auto":
         compute = cfg.schedule.dtype
         if compute == "auto":
-            compute = "bf16" if device.type == "cuda" else "fp32"
+            compute = "bf16" if device_type == "cuda" else "fp32"
         param = compute
-    return MixedPrecisionPolicy(param_dtype=_DTYPES[param], reduce_dtype=_DTYPES[p.reduce_dtype])
+    return param
+
+
+def mixed_precision(cfg, device: torch.device) -> MixedPrecisionPolicy:
+    return MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype_name(cfg, device.type)],
+                                reduce_dtype=_DTYPES[cfg.parallel.reduce_dtype])
+
+
+def wants_one_rank_fsdp(cfg, world_size: int, device_type: str) -> bool:
+    """One process whose weights should be bf16 for compute: FSDP2 on a one-rank mesh gives that."""
+    return world_size == 1 and param_dtype_name(cfg, device_type) == "bf16"
 
 
 def fsdp_mesh(dims):
@@ -49,7 +67,7 @@ def fsdp_mesh(dims):
 
 
 def uses_fsdp(dims) -> bool:
-    return dims.dp_replicate * dims.dp_shard * dims.sp > 1
+    return dims.dp_replicate * dims.dp_shard * dims.sp > 1 or getattr(dims, "one_rank_fsdp", False)
 
 
 def _units(model: nn.Module) -> list[tuple[nn.Module, bool]]:

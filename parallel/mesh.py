@@ -21,7 +21,8 @@ Three flattened views serve the callers:
 Every size is kept in the mesh (size-1 dimensions included), so ``get_group("sp")`` always works
 and a rank or size is computed in exactly one place. One ``ParallelDims`` object is passed
 explicitly to whoever needs it; there is no global state. World size 1 is the special case with
-no process group and no mesh at all.
+no process group and no mesh, except in bf16, where FSDP2's mixed precision needs a one-rank group
+and mesh (``one_rank_fsdp``); the process still counts as world size 1.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from longtrain.config import ConfigError
+from longtrain.parallel.fsdp import wants_one_rank_fsdp
 from longtrain.parallel.watchdog import CollectiveWatchdog, default_store
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "sp", "tp")
@@ -69,6 +71,8 @@ class ParallelDims:
     flat_meshes: dict = field(default_factory=dict, repr=False)
     # names the stuck rank and operation when a collective hangs (parallel.watchdog); None in one process
     watchdog: Optional["CollectiveWatchdog"] = field(default=None, repr=False, compare=False)
+    # one process wrapped in FSDP2 for bf16 mixed precision (parallel.fsdp): a one-rank group exists
+    one_rank_fsdp: bool = False
 
     # ---------------------------------------------------------------- construction and checks
 
@@ -224,7 +228,9 @@ class ParallelDims:
 
     def describe(self) -> str:
         return (f"mesh: pp={self.pp} dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} "
-                f"sp={self.sp} tp={self.tp} (world {self.world_size})")
+                f"sp={self.sp} tp={self.tp} (world {self.world_size})"
+                + ("; bf16 weights and residual stream over fp32 master weights (FSDP2 on one rank; "
+                   "parallel.param_dtype=fp32 turns it off)" if self.one_rank_fsdp else ""))
 
 
 def _env_int(name: str, default: int) -> int:
@@ -273,6 +279,16 @@ def init_distributed(cfg) -> ParallelDims:
     # checks before the process group: a config error must not leave other ranks waiting
     dims = ParallelDims.from_config(cfg, world_size, rank=rank, local_rank=local_rank, device=device)
     if world_size == 1:
+        if wants_one_rank_fsdp(cfg, world_size, device.type):
+            # FSDP2 needs a mesh even for its mixed precision alone: a one-rank group on an
+            # in-memory store (no rendezvous, no MASTER_ADDR), kept with world_size 1 so the rest of
+            # the trainer still runs as one process (parallel.fsdp, "One process in bf16")
+            if not dist.is_initialized():
+                dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                        store=dist.HashStore(), rank=0, world_size=1,
+                                        device_id=device if device.type == "cuda" else None)
+            dims.build_mesh(device.type)
+            dims.one_rank_fsdp = True
         return dims
     if not dist.is_initialized():
         for var in ("MASTER_ADDR", "MASTER_PORT"):

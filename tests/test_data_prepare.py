@@ -118,3 +118,52 @@ def test_byte_tokenizer_ids_and_fingerprints_are_stable(tmp_path):
     assert t.encode("aé").tolist() == [97, 0xC3, 0xA9] and t.decode(t.encode("aé")) == "aé"
     p = _tiny_hf_tokenizer(tmp_path / "tokenizer.json")
     assert HFTokenizer(p).fingerprint() == HFTokenizer(tmp_path).fingerprint() != t.fingerprint()
+
+
+def test_prepare_workers_finish_when_the_parent_handles_sigterm(tmp_path):
+    """A trainer in the same process installs a SIGTERM handler; forked pool workers used to
+    inherit it, ignore ``Pool.terminate`` while waiting on the task queue, and hang the parent.
+    The hang is a race (seen once in a CI run), so the deterministic part checks what prevents it:
+    a worker of prepare's pool runs with SIGTERM at its default while the parent handles it; then
+    ten prepares in a child process with such a handler must all finish."""
+    import multiprocessing
+    import signal
+
+    from longtrain.data.prepare import _worker_signals
+
+    prev = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        with multiprocessing.get_context("fork").Pool(1, initializer=_worker_signals) as pool:
+            assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+    import subprocess
+    import sys
+
+    inputs = _write_inputs(tmp_path, _texts(10))
+    code = (
+        "import signal, sys\n"
+        "from longtrain.data.prepare import prepare\n"
+        "signal.signal(signal.SIGTERM, lambda *a: None)\n"
+        "for i in range(10):\n"
+        f"    prepare({inputs['jsonl']!r}, {str(tmp_path)!r} + f'/o{{i}}', workers=2, text_field='body', shard_mb=0.002, progress=False)\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_the_trainer_removes_its_signal_handlers_when_the_run_fails(tmp_path):
+    """The trainer removes its SIGTERM/SIGUSR1 handlers also when the run ends in an error."""
+    import signal
+
+    from longtrain.config import load_config
+    from longtrain.trainer.train import train
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    cfg = load_config("tiny-llama", ["schedule.device=cpu", "schedule.steps=3", "schedule.warmup_steps=1",
+                                     "optim.lr=1e9", "optim.on_nonfinite=stop", "optim.grad_clip=0",
+                                     "logging.progress=false", f"logging.run_dir={tmp_path}/run",
+                                     "checkpoint.save_final=false", "data.seq_len=32"])
+    with pytest.raises(Exception, match="non-finite|nan|inf"):
+        train(cfg)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before

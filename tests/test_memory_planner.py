@@ -44,11 +44,20 @@ def test_gradients_during_backward_are_only_the_heads_and_the_peak_is_the_larges
     m = cfg.model
     e = estimate(cfg, Layout(), Policy("full"))
     assert e.gpu_total == max(e.phases.values()) and e.phases[e.phase] == e.gpu_total
-    assert e.phase_terms["backward (first block)"]["gradients"] == 4 * m.vocab_size * m.dim  # fp32 .grad
+    # one process in bf16 is FSDP2 on one rank: the root's unsharded gradient is in param_dtype
+    assert e.phase_terms["backward (first block)"]["gradients"] == 2 * m.vocab_size * m.dim
+    fp32w = load_config("llama3.2-1b", ["data.seq_len=65536", "schedule.dtype=bf16", "parallel.param_dtype=fp32"])
+    e32 = estimate(fp32w, Layout(), Policy("full"))
+    assert e32.phase_terms["backward (first block)"]["gradients"] == 4 * m.vocab_size * m.dim  # fp32 .grad
     assert "gradients" not in e.phase_terms["backward (loss)"]  # untiled: the CE peak comes first
     acc = load_config("llama3.2-1b", ["data.seq_len=65536", "schedule.dtype=bf16", "schedule.grad_accum=2"])
     n = count_params(m)["total"]
-    assert estimate(acc, Layout(), Policy("full")).phase_terms["backward (loss)"]["gradients"] == 4 * n
+    # fp32 sharded gradients of every block, plus (FSDP on one rank) the root's bf16 unsharded one
+    assert estimate(acc, Layout(), Policy("full")).phase_terms["backward (loss)"]["gradients"] == \
+        4 * n + 2 * m.vocab_size * m.dim
+    acc32 = load_config("llama3.2-1b", ["data.seq_len=65536", "schedule.dtype=bf16", "schedule.grad_accum=2",
+                                        "parallel.param_dtype=fp32"])
+    assert estimate(acc32, Layout(), Policy("full")).phase_terms["backward (loss)"]["gradients"] == 4 * n
     # untiled loss at 64K: the cross-entropy backward holds three fp32 [T, V] tensors (31.3 GiB each)
     assert e.phase == "backward (loss)"
     assert e.gpu["logits/loss"] >= 12 * 65536 * m.vocab_size
@@ -57,8 +66,12 @@ def test_gradients_during_backward_are_only_the_heads_and_the_peak_is_the_larges
 def test_llama3_8b_activation_formula():
     cfg = load_config("llama3-8b")
     m = cfg.model
-    # the residual stream is fp32 without FSDP (fp32 parameters), bf16 under FSDP2 param_dtype=bf16
-    assert residual_bytes(cfg, Layout(), 2) == 4 and residual_bytes(cfg, Layout(dp_shard=2), 2) == 2
+    # the residual stream is fp32 without FSDP (fp32 parameters), bf16 under FSDP2 param_dtype=bf16,
+    # which one process in bf16 uses too (a one-rank mesh); pp or tp alone keep fp32 weights
+    fp32w = load_config("llama3-8b", ["parallel.param_dtype=fp32"])
+    assert residual_bytes(fp32w, Layout(), 2) == 4 and residual_bytes(cfg, Layout(), 2) == 2
+    assert residual_bytes(cfg, Layout(pp=2), 2) == 4 and residual_bytes(cfg, Layout(tp=2), 2) == 4
+    assert residual_bytes(cfg, Layout(dp_shard=2), 2) == 2
     assert residual_bytes(cfg, Layout(sp=2), 2) == 2 and residual_bytes(cfg, Layout(dp_shard=2), 4) == 4
     # bf16 stream: 165 KiB per token per layer (1 KiB of it the rotary tables cast per call)
     assert layer_activation_bytes(m, Layout(), 2, "none", r=2) == 169096
@@ -100,9 +113,9 @@ def test_formula_matches_what_autograd_saves_for_one_block_fp32():
 
 
 def test_formula_matches_what_autograd_saves_under_bf16_autocast_with_fp32_params():
-    """One GPU, no FSDP: fp32 parameters under bf16 autocast make the residual stream fp32, and
+    """One GPU with ``parallel.param_dtype=fp32`` (no FSDP): fp32 parameters under bf16 autocast make the residual stream fp32, and
     each linear saves its own bf16 cast of the norm output (3 for wq/wk/wv, 2 for w1/w3)."""
-    cfg = cfg_for("schedule.dtype=bf16", "model.attn_backend=sdpa")
+    cfg = cfg_for("schedule.dtype=bf16", "model.attn_backend=sdpa", "parallel.param_dtype=fp32")
     torch.manual_seed(0)
     model = build_model(cfg.model)
     block = model.layers["0"]

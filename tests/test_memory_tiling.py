@@ -86,4 +86,6 @@ def test_tiled_mlp_holds_one_chunk_of_the_intermediate():
     assert mode.largest <= max(seq // chunks * ffn, ffn * dim, seq * dim) < seq * ffn
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # weight gradients add 1024 tokens' terms in another order (chunk by chunk): entries near
+        # zero differ by a few 1e-6 with some thread counts, so atol scales with the largest entry
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))

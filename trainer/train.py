@@ -102,51 +102,54 @@ def train(cfg: Config) -> dict:
     log = MetricsLogger(run_dir, cfg, dims.is_main, sched.steps, state.step)
     last = {}
     t0 = time.perf_counter()
-    while state.step < sched.steps:
-        if dims.watchdog is not None:
-            dims.watchdog.step = state.step
-        consumed_before = loader.consumed
-        batches = [next(loader) for _ in range(sched.grad_accum)]
-        n_loops = sample_loops(cfg.model, state.step, sched.seed, training=True) if looped else None
-        with dims.watch("forward_backward"):
-            loss, n_tok = forward_backward(model, batches, dims, cfg, n_loops)
-        with dims.watch("clip_grad_norm"):
-            grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, dims)
-        try:
-            with dims.watch("sync(loss, grad_norm)"):  # where an NCCL hang surfaces on the host
-                loss_f, grad_norm_f = float(loss), float(grad_norm)
-            accepted = guard.accept(state, loss_f, grad_norm_f)
-        except RollbackRequested as e:  # optim.on_nonfinite=rollback: reload the last checkpoint
+    try:
+        while state.step < sched.steps:
+            if dims.watchdog is not None:
+                dims.watchdog.step = state.step
+            consumed_before = loader.consumed
+            batches = [next(loader) for _ in range(sched.grad_accum)]
+            n_loops = sample_loops(cfg.model, state.step, sched.seed, training=True) if looped else None
+            with dims.watch("forward_backward"):
+                loss, n_tok = forward_backward(model, batches, dims, cfg, n_loops)
+            with dims.watch("clip_grad_norm"):
+                grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, dims)
+            try:
+                with dims.watch("sync(loss, grad_norm)"):  # where an NCCL hang surfaces on the host
+                    loss_f, grad_norm_f = float(loss), float(grad_norm)
+                accepted = guard.accept(state, loss_f, grad_norm_f)
+            except RollbackRequested as e:  # optim.on_nonfinite=rollback: reload the last checkpoint
+                optimizer.zero_grad(set_to_none=True)
+                ckpt.rollback(str(e))
+                continue
+            if accepted:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            ckpt.rollback(str(e))
-            continue
-        if accepted:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if ledger is not None:
-            ledger.record(state.step, consumed_before, batches, accepted, loss_f)
-        state.step += 1
-        state.tokens += int(n_tok)
-        if state.step % cfg.logging.log_every == 0 or state.step == sched.steps:
-            dt = (time.perf_counter() - t0) / cfg.logging.log_every
-            per_tok = flops_per_token(cfg.model if n_loops is None else _with_loops(cfg.model, n_loops),
-                                      cfg.data.seq_len, causal=False)
-            tps = tokens_per_step / dt
-            last = {"loss": float(loss), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": tps, "tokens_per_s_per_rank": tps / dims.world_size,
-                    "mfu": tps * per_tok / (peak * dims.world_size),
-                    "mfu_causal": tps * flops_per_token(cfg.model, cfg.data.seq_len, causal=True) / (peak * dims.world_size),
-                    "step_time_s": dt, "tokens": state.tokens, **_memory_stats(dims.device)}
-            log.log(state.step, last, print_line=state.step % (10 * cfg.logging.log_every) == 0)
-            t0 = time.perf_counter()
-        if eval_loader is not None and sched.eval_every and state.step % sched.eval_every == 0:
-            last["eval_loss"] = evaluate(model, eval_loader, dims, cfg, sched.eval_batches)
-            log.log(state.step, {"eval_loss": last["eval_loss"]}, print_line=True)
-        ckpt.after_step()
-    ckpt.finish()
-    log.close()
-    _close_hooks(ledger, faults, dims)
+            scheduler.step()
+            if ledger is not None:
+                ledger.record(state.step, consumed_before, batches, accepted, loss_f)
+            state.step += 1
+            state.tokens += int(n_tok)
+            if state.step % cfg.logging.log_every == 0 or state.step == sched.steps:
+                dt = (time.perf_counter() - t0) / cfg.logging.log_every
+                per_tok = flops_per_token(cfg.model if n_loops is None else _with_loops(cfg.model, n_loops),
+                                          cfg.data.seq_len, causal=False)
+                tps = tokens_per_step / dt
+                last = {"loss": float(loss), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                        "tokens_per_s": tps, "tokens_per_s_per_rank": tps / dims.world_size,
+                        "mfu": tps * per_tok / (peak * dims.world_size),
+                        "mfu_causal": tps * flops_per_token(cfg.model, cfg.data.seq_len, causal=True) / (peak * dims.world_size),
+                        "step_time_s": dt, "tokens": state.tokens, **_memory_stats(dims.device)}
+                log.log(state.step, last, print_line=state.step % (10 * cfg.logging.log_every) == 0)
+                t0 = time.perf_counter()
+            if eval_loader is not None and sched.eval_every and state.step % sched.eval_every == 0:
+                last["eval_loss"] = evaluate(model, eval_loader, dims, cfg, sched.eval_batches)
+                log.log(state.step, {"eval_loss": last["eval_loss"]}, print_line=True)
+            ckpt.after_step()
+        ckpt.finish()
+    finally:  # also on an error or a requested exit: no handler or hook outlives the run
+        ckpt.uninstall_signal_handlers()
+        log.close()
+        _close_hooks(ledger, faults, dims)
     return {"step": state.step, "tokens": state.tokens, "run_dir": str(run_dir), **last}
 
 
