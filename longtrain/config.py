@@ -102,7 +102,7 @@ class ParallelConfig:
     pp_microbatches: int = 0  # 0: 2 * pp
     pp_virtual_stages: int = 2  # stages per rank for interleaved schedules
     pp_boundaries: Optional[list] = None  # virtual-layer index where each stage after the first starts
-    param_dtype: Literal["auto", "bf16", "fp32"] = "auto"  # FSDP2 compute dtype; auto = bf16 on GPU
+    param_dtype: Literal["auto", "bf16", "fp32"] = "auto"  # FSDP2 compute dtype (one process too); auto = schedule.dtype
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     init_timeout_s: float = 600.0
