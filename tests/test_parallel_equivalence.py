@@ -189,6 +189,9 @@ LAYOUTS = {
     "dp_replicate2_dp_shard2": (LLAMA, {"dp_replicate": 2, "dp_shard": 2}, 4),
     "dp_replicate2_tp2": (LLAMA, {"dp_replicate": 2, "tp": 2}, 4),  # HSDP (shard size 1) x TP
     "looped_lora_concat_tp2_sp2": (LOOPED, {"tp": 2, "sp": 2}, 4),
+    # the 8-GPU issue's second layout, on 8 CPU processes: 8 heads / 2 KV heads, tp=2 leaves 4 and 1
+    # per rank, so Ulysses over sp=4 replicates the one local KV head 4 times
+    "tp2_sp4": (LLAMA + ["model.n_heads=8"], {"tp": 2, "sp": 4}, 8),
 }
 
 

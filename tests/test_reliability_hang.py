@@ -1,7 +1,8 @@
 """A collective that never completes ends the job within ``parallel.timeout_s``, with an error that
 names the stuck rank, the operation and the step -- not a silent hang, not a bare gloo timeout.
 
-One rank of a 2-worker local launch stalls for ever (``LONGTRAIN_FAULT=stall@...``); the collective
+One rank of a 2-worker local launch stalls for ever (``LONGTRAIN_FAULT=stall@...``: before an
+all-reduce, mid-forward, or inside a checkpoint write); the collective
 watchdog (``longtrain.parallel.watchdog``) of the waiting rank diagnoses it from the ranks'
 heartbeats in the job's store, every rank exits with ``EXIT_CODE_HUNG`` and the launcher reports the
 failure. Nothing may be left running.
@@ -20,12 +21,12 @@ from test_launch_common import TINY, alive, cmdline, descendants, longtrain_cmd,
 TIMEOUT_S = 5
 
 
-def launch_stalled(run_dir, fault: str):
+def launch_stalled(run_dir, fault: str, *extra):
     env = worker_env()
     env["LONGTRAIN_FAULT"] = fault
     proc = subprocess.Popen(longtrain_cmd("launch", "launch.backend=local", "launch.nproc_per_node=2", *TINY,
                                           "schedule.steps=50", f"parallel.timeout_s={TIMEOUT_S}",
-                                          f"logging.run_dir={run_dir}"),
+                                          f"logging.run_dir={run_dir}", *extra),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: set[int] = set()
     t0 = time.monotonic()
@@ -41,18 +42,23 @@ def launch_stalled(run_dir, fault: str):
     return proc.returncode, out, time.monotonic() - t0, seen
 
 
-@pytest.mark.parametrize("fault,expect", [
+@pytest.mark.parametrize("fault,expect,extra", [
     # stalls before an all-reduce: the other rank waits in it, the stalled one never arrives
     ("stall@step:3:phase=collective:rank=1",
-     r"rank 1 stuck before all_reduce\(dp_sp\) at step 3 for [0-9.]+ s.*waiting: rank 0 in all_reduce\(dp_sp\) at step 3"),
+     r"rank 1 stuck before all_reduce\(dp_sp\) at step 3 for [0-9.]+ s.*waiting: rank 0 in all_reduce\(dp_sp\) at step 3",
+     ()),
     # stalls mid-forward: rank 0 waits inside FSDP's all-gather; rank 1 is the one outside any collective
     ("stall@step:2:phase=forward:rank=1",
-     r"rank 1 stuck in forward_backward at step 2 for [0-9.]+ s, outside any collective call"),
-], ids=["before-all-reduce", "mid-forward"])
-def test_stalled_rank_ends_the_job_within_the_timeout_naming_rank_op_and_step(tmp_path, fault, expect):
+     r"rank 1 stuck in forward_backward at step 2 for [0-9.]+ s, outside any collective call", ()),
+    # stalls in a (synchronous) checkpoint write, its shards written: rank 0 waits in the save's gather
+    ("stall@step:4:phase=checkpoint-write:rank=1",
+     r"rank 1 stuck in checkpoint save at step 4 for [0-9.]+ s, outside any collective call",
+     ("checkpoint.every_steps=4",)),
+], ids=["before-all-reduce", "mid-forward", "mid-checkpoint-write"])
+def test_stalled_rank_ends_the_job_within_the_timeout_naming_rank_op_and_step(tmp_path, fault, expect, extra):
     import re
 
-    rc, out, elapsed, seen = launch_stalled(tmp_path, fault)
+    rc, out, elapsed, seen = launch_stalled(tmp_path, fault, *extra)
     assert rc == 1, out[-4000:]
     assert re.search(expect, out), out[-4000:]
     assert f"parallel.timeout_s={TIMEOUT_S}" in out and f"exit code {EXIT_CODE_HUNG}" in out

@@ -49,6 +49,7 @@ The idea, per property:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -537,12 +538,23 @@ class Checkpointer:
 
     # ---------------------------------------------------------------- save
 
+    def _watch(self, op: str):
+        """``dims.watch``: a rank stuck in a save is named by the hang watchdog like any collective."""
+        watch = getattr(self.dims, "watch", None)
+        if getattr(self.dims, "watchdog", None) is not None:
+            self.dims.watchdog.step = self.step  # the step whose state is being saved
+        return watch(op) if watch is not None else contextlib.nullcontext()
+
     def save(self, sync: bool = False) -> None:
         """Write the bundle for the current step (async unless ``sync``); returns once staged."""
-        step = self.step
         self.wait()  # one save in flight at a time; commits the previous one
-        if step == self._last_saved_step:
+        if self.step == self._last_saved_step:
             return
+        with self._watch("checkpoint save"):
+            self._save(sync)
+
+    def _save(self, sync: bool) -> None:
+        step = self.step
         tmp = self.root / f"step-{step}.tmp"
         failed: Optional[OSError] = None
         if self.is_main:
@@ -581,7 +593,8 @@ class Checkpointer:
         step, tmp, fut = self._pending
         self._pending = None
         try:
-            fut.result()
+            with self._watch("checkpoint write (async)"):
+                fut.result()
         except SAVE_ERRORS as e:
             self._save_failed(step, tmp, e)
             return
