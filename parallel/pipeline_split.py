@@ -166,13 +166,6 @@ def check_pipeline_config(cfg) -> None:
                 f"model.backprop_loops={m.backprop_loops} < model.loops={m.loops} with parallel.pp={p.pp} "
                 f"is not supported: a stage boundary inside the no-grad iterations would send an activation "
                 f"without gradient. Set model.backprop_loops=0 (or >= loops), or parallel.pp=1.")
-    if m.tie_embeddings and p.tp > 1:
-        # the tied copies on the first and last stage are tp-sharded DTensors whose gradient sum
-        # across stages is not wired up yet (tests/test_pipeline_equivalence.py has the case)
-        raise ConfigError(
-            f"model.tie_embeddings=true with parallel.pp={p.pp} and parallel.tp={p.tp} is not supported "
-            f"yet. Set model.tie_embeddings=false, or use tp=1 (tied embeddings work with pp alone) or "
-            f"pp=1 (they work with tp alone).")
     if p.pp_schedule == "zero_bubble" and cfg.schedule.compile:
         raise ConfigError("parallel.pp_schedule=zero_bubble splits each backward into input and weight "
                           "parts, which torch.compile does not support; set schedule.compile=false or use "

@@ -322,3 +322,24 @@ def test_pipeline_with_fsdp_checkpoint_loads_into_one_process(tmp_path):
     one = [unpack(load_report(model, ckpt, {}, str(tmp_path / "w8")))]
     check_loaded(one, ckpt, "pp=2 x dp_shard=2 into one process")
     check_losses(one, four, "pp=2 x dp_shard=2 into one process")
+
+
+PP_TP = {**PP2, "tp": 2}
+
+
+def pp_tp_side(model: list[str], root: str) -> bytes:
+    """On 4 ranks (pp=2 x tp=2): train 3 steps, then load that checkpoint back."""
+    train_run(model, Path(root) / "pptp", PP_TP, steps=EVERY)
+    return load_report(model, f"{root}/pptp/checkpoints/step-{EVERY}", PP_TP, f"{root}/w9")
+
+
+def test_pipeline_with_tp_and_tied_embeddings_checkpoint_loads_into_one_process(tmp_path):
+    """pp=2 x tp=2 with tied embeddings: the embedding (first stage) and the head (last stage) are
+    copies of one vocab-sharded weight; both pipeline groups write its shards under one name."""
+    model = MODELS["llama"] + ["model.tie_embeddings=true", "model.n_kv_heads=2"]
+    four = [unpack(r) for r in run_distributed(pp_tp_side, 4, model, str(tmp_path))]
+    ckpt = str(tmp_path / "pptp" / "checkpoints" / f"step-{EVERY}")
+    check_loaded(four, ckpt, "pp=2 x tp=2 tied into itself")
+    one = [unpack(load_report(model, ckpt, {}, str(tmp_path / "w10")))]
+    check_loaded(one, ckpt, "pp=2 x tp=2 tied into one process")
+    check_losses(one, four, "pp=2 x tp=2 tied into one process")

@@ -229,10 +229,9 @@ def test_dp_shard2_pp2_sp2_matches_single_process():
 
 
 
-def test_pp2_tp2_tied_embeddings_is_refused_with_the_fix():
-    from longtrain.config import ConfigError, load_config
-    from longtrain.parallel.pipeline_split import check_pipeline_config
-
-    cfg = load_config(None, LLAMA + ["model.tie_embeddings=true", "parallel.pp=2", "parallel.tp=2", "data.seq_len=64"])
-    with pytest.raises(ConfigError, match=r"tie_embeddings=true with parallel.pp=2 and parallel.tp=2.*tie_embeddings=false"):
-        check_pipeline_config(cfg)
+def test_pp2_tp2_tied_embeddings_match_single_process():
+    """The tied weight is a vocab-sharded DTensor on the first and the last stage; each tp shard's
+    gradient is summed with the same shard on the other stage (the pp all-reduce pairs equal tp ranks)."""
+    assert_equal_to_single_process(run_distributed(
+        compare_pipeline, 4, LLAMA + ["model.tie_embeddings=true"], {"pp": 2, "tp": 2, "pp_schedule": "1f1b"},
+        init_process_group=False))
