@@ -227,6 +227,10 @@ class CheckpointConfig:
     keep_every: int = 0  # additionally keep every K-th step; 0 = off
     resume: str = "auto"  # auto | none | path to a step directory
     async_save: bool = True  # write in a background thread while training continues
+    # async saves first copy the state off the GPU: "blocking" (pageable copies before save()
+    # returns, the measured default) or "background" (a reused pinned buffer, filled by a thread
+    # while the next forward/backward runs; the next optimizer step waits for it)
+    staging: Literal["blocking", "background"] = "blocking"
     save_final: bool = True
     init_from_hf: str = ""  # local Hugging Face Llama directory (config.json + safetensors); used when not resuming
     on_save_error: Literal["continue", "stop"] = "continue"

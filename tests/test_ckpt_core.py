@@ -73,11 +73,12 @@ def step(model, opt, sched, loader, state) -> float:
     return loss.item()
 
 
-def test_resume_continues_bitwise_like_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("staging", ["blocking", "background"])
+def test_resume_continues_bitwise_like_an_uninterrupted_run(tmp_path, staging):
     _, *objs, ck = make(tmp_path / "a", "checkpoint.every_steps=3")
     uninterrupted = [step(*objs) for _ in range(8)]
 
-    _, *objs, ck = make(tmp_path / "b", "checkpoint.every_steps=3")
+    _, *objs, ck = make(tmp_path / "b", "checkpoint.every_steps=3", f"checkpoint.staging={staging}")
     for _ in range(4):  # saves at 3 (async); step 4 changes the weights while it is written
         step(*objs)
         ck.after_step()
@@ -90,13 +91,16 @@ def test_resume_continues_bitwise_like_an_uninterrupted_run(tmp_path):
     assert resumed == uninterrupted[3:]  # bitwise
 
 
-def test_async_save_holds_the_weights_of_its_step(tmp_path):
-    cfg, model, opt, sched, loader, state, ck = make(tmp_path)
+@pytest.mark.parametrize("staging", ["blocking", "background"])
+def test_async_save_holds_the_weights_of_its_step(tmp_path, staging):
+    cfg, model, opt, sched, loader, state, ck = make(tmp_path, f"checkpoint.staging={staging}")
     step(model, opt, sched, loader, state)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    ck.save()  # async: returns after staging
+    ck.save()  # async: returns after staging ("blocking") or while it runs ("background")
+    assert (ck._staging is not None) == (staging == "background")
     for _ in range(2):
         step(model, opt, sched, loader, state)
+        assert ck._staging is None  # the optimizer step waited for the copy before changing weights
     ck.wait()
     _, model2, *_, ck2 = make(tmp_path, seed=5)
     ck2.load(tmp_path / "ckpt" / "step-1")

@@ -89,6 +89,17 @@ def test_resume_equals_uninterrupted_two_ranks_dp_shard(tmp_path):
     check(tmp_path, 2)
 
 
+def test_resume_equals_uninterrupted_two_ranks_background_staging(tmp_path):
+    """checkpoint.staging=background: the copy of the FSDP shards runs beside the next step and the
+    optimizer waits for it; the checkpoint still holds exactly step 3."""
+    check(tmp_path, 2, ("checkpoint.staging=background",))
+
+
+def test_resume_equals_uninterrupted_background_staging_with_optimizer_offload(tmp_path):
+    check(tmp_path, 1, ("checkpoint.staging=background", "memory.optimizer_offload=true",
+                        "memory.optimizer_offload_impl=torch"))
+
+
 def test_rollback_in_the_loop_reloads_the_last_checkpoint_and_finishes(tmp_path, capsys):
     from longtrain.config import load_config
     from longtrain.trainer import guard

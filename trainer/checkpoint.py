@@ -34,7 +34,9 @@ The idea, per property:
   ``step-N/`` and replaces ``latest`` with ``os.replace``. A killed save leaves only a ``.tmp``
   directory, which resume ignores and the next run deletes.
 - **Asynchronous.** ``dcp.async_save`` copies the state to CPU memory (so the next optimizer step
-  may change the weights) and writes from a background thread. That thread runs DCP's collectives
+  may change the weights) and writes from a background thread. ``checkpoint.staging=background``
+  moves that copy off the loop too: a DCP ``DefaultStager`` fills reused (pinned, on GPU) buffers
+  from a thread while the next forward/backward runs, and an optimizer pre-step hook waits for it. That thread runs DCP's collectives
   on a process group of its own (gloo), never on the group the training step uses: two threads
   issuing collectives on one group could interleave them. The commit happens in the main thread,
   when ``after_step`` sees the write finished (or before the next save / at ``finish``).
@@ -397,6 +399,8 @@ class Checkpointer:
         self._signals_installed: list = []
         self._rollbacks: dict[str, int] = {}
         self.loaded_from: Optional[Path] = None
+        self._staging = None  # checkpoint.staging=background: the copy off the GPU still running
+        self._stager, self._staging_hook = self._background_stager()
 
     # ---------------------------------------------------------------- the loop's interface
 
@@ -474,6 +478,12 @@ class Checkpointer:
             self.save(sync=True)
         self.wait()
         self.uninstall_signal_handlers()
+        if self._staging_hook is not None:
+            self._staging_hook.remove()
+            self._staging_hook = None
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     close = finish
 
@@ -538,6 +548,30 @@ class Checkpointer:
 
     # ---------------------------------------------------------------- save
 
+    def _background_stager(self):
+        """``checkpoint.staging=background``: one DCP ``DefaultStager`` for the run (its pinned
+        buffers are reused by every save) and an optimizer pre-step hook that waits for the copy,
+        so parameters change only after they are staged. Optimizers without step hooks (none of
+        ours) would wait right after staging starts instead."""
+        if self.ccfg.staging != "background" or not self.ccfg.async_save:
+            return None, None
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        cuda = getattr(getattr(self.dims, "device", None), "type", "cpu") == "cuda"
+        stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                              use_async_staging=True, use_non_blocking_copy=cuda))
+        hook = None
+        if hasattr(self.optimizer, "register_step_pre_hook"):
+            hook = self.optimizer.register_step_pre_hook(lambda *args: self.wait_staged())
+        return stager, hook
+
+    def wait_staged(self) -> None:
+        """Block until the state of the in-flight save is copied off the GPU (background staging)."""
+        if self._staging is not None:
+            staging, self._staging = self._staging, None
+            with self._watch("checkpoint staging"):
+                staging.result()
+
     def _watch(self, op: str):
         """``dims.watch``: a rank stuck in a save is named by the hang watchdog like any collective."""
         watch = getattr(self.dims, "watch", None)
@@ -581,15 +615,20 @@ class Checkpointer:
             self._commit(step, tmp)
             self._barrier()  # a returned synchronous save is committed, on every rank
         else:
-            fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.pg,
-                                 no_dist=not self.distributed)
-            fut = getattr(fut, "upload_completion", fut)  # AsyncSaveResponse in some versions
+            extra = {"async_stager": self._stager} if self._stager is not None else {}
+            resp = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.pg,
+                                  no_dist=not self.distributed, **extra)
+            fut = getattr(resp, "upload_completion", resp)  # AsyncSaveResponse with a stager
             self._pending = (step, tmp, fut)
+            self._staging = getattr(resp, "staging_completion", None)
+            if self._staging_hook is None:
+                self.wait_staged()
 
     def wait(self) -> None:
         """Block until the in-flight async save is written, then commit it."""
         if self._pending is None:
             return
+        self.wait_staged()
         step, tmp, fut = self._pending
         self._pending = None
         try:
@@ -679,6 +718,7 @@ class Checkpointer:
         """Load a checkpoint into the live objects (any layout: DCP reshards)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+        self.wait_staged()  # a save still copying these tensors must finish before they change
         path = Path(path)
         metadata = verify_checkpoint(path)
         saved_cfg = read_config(path)
