@@ -306,40 +306,32 @@ def test_several_copies_on_one_rank_load_and_save_as_one(runs):
     check_loaded([{"tensors": r["saved_tensors"]} for r in got], saved, "saved from 2 stages per rank")
 
 
-def pp_dp_side(model: list[str], root: str) -> bytes:
-    """On 4 ranks (pp=2 x dp_shard=2): train 3 steps, then load that checkpoint back."""
-    train_run(model, Path(root) / "ppdp", PP_DP, steps=EVERY)
-    return load_report(model, f"{root}/ppdp/checkpoints/step-{EVERY}", PP_DP, f"{root}/w7")
+PP_TP = {**PP2, "tp": 2}
+
+
+def four_rank_side(model: list[str], root: str, parallel: dict) -> bytes:
+    """On 4 ranks (``parallel``): train 3 steps, then load that checkpoint back."""
+    train_run(model, Path(root) / "four", parallel, steps=EVERY)
+    return load_report(model, f"{root}/four/checkpoints/step-{EVERY}", parallel, f"{root}/w7")
+
+
+def check_four_ranks_load_into_one_process(tmp_path, model: list[str], parallel: dict, what: str) -> None:
+    four = [unpack(r) for r in run_distributed(four_rank_side, 4, model, str(tmp_path), parallel)]
+    ckpt = str(tmp_path / "four" / "checkpoints" / f"step-{EVERY}")
+    check_loaded(four, ckpt, f"{what} into itself")
+    one = [unpack(load_report(model, ckpt, {}, str(tmp_path / "w8")))]
+    check_loaded(one, ckpt, f"{what} into one process")
+    check_losses(one, four, f"{what} into one process")
 
 
 def test_pipeline_with_fsdp_checkpoint_loads_into_one_process(tmp_path):
     """pp=2 x dp_shard=2: the looped core and tied embedding are FSDP DTensors on both pipeline
     groups; each group writes the same chunks under one name, and one process reads them back."""
-    model = MODELS["looped"]
-    four = [unpack(r) for r in run_distributed(pp_dp_side, 4, model, str(tmp_path))]
-    ckpt = str(tmp_path / "ppdp" / "checkpoints" / f"step-{EVERY}")
-    check_loaded(four, ckpt, "pp=2 x dp_shard=2 into itself")
-    one = [unpack(load_report(model, ckpt, {}, str(tmp_path / "w8")))]
-    check_loaded(one, ckpt, "pp=2 x dp_shard=2 into one process")
-    check_losses(one, four, "pp=2 x dp_shard=2 into one process")
-
-
-PP_TP = {**PP2, "tp": 2}
-
-
-def pp_tp_side(model: list[str], root: str) -> bytes:
-    """On 4 ranks (pp=2 x tp=2): train 3 steps, then load that checkpoint back."""
-    train_run(model, Path(root) / "pptp", PP_TP, steps=EVERY)
-    return load_report(model, f"{root}/pptp/checkpoints/step-{EVERY}", PP_TP, f"{root}/w9")
+    check_four_ranks_load_into_one_process(tmp_path, MODELS["looped"], PP_DP, "pp=2 x dp_shard=2")
 
 
 def test_pipeline_with_tp_and_tied_embeddings_checkpoint_loads_into_one_process(tmp_path):
     """pp=2 x tp=2 with tied embeddings: the embedding (first stage) and the head (last stage) are
     copies of one vocab-sharded weight; both pipeline groups write its shards under one name."""
     model = MODELS["llama"] + ["model.tie_embeddings=true", "model.n_kv_heads=2"]
-    four = [unpack(r) for r in run_distributed(pp_tp_side, 4, model, str(tmp_path))]
-    ckpt = str(tmp_path / "pptp" / "checkpoints" / f"step-{EVERY}")
-    check_loaded(four, ckpt, "pp=2 x tp=2 tied into itself")
-    one = [unpack(load_report(model, ckpt, {}, str(tmp_path / "w10")))]
-    check_loaded(one, ckpt, "pp=2 x tp=2 tied into one process")
-    check_losses(one, four, "pp=2 x tp=2 tied into one process")
+    check_four_ranks_load_into_one_process(tmp_path, model, PP_TP, "pp=2 x tp=2 tied")
