@@ -527,9 +527,16 @@ def tiling_sizes(cfg: Config, lay: Layout) -> tuple[int, int]:
     return mlp, min(loss, T) if T >= 256 else max(1, T // 2)
 
 
+# offload fractions tried, in steps of 1/20: where the host cannot take every layer input and the
+# GPU cannot keep three quarters of them, the fitting fraction lies between two quarter steps
+# (Llama-3-8B, 1M tokens, sp=2 on two H200s with 120 GiB of host memory each: 0.9)
+OFFLOAD_STEPS = 20
+SHOWN_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)  # rows `longtrain plan` prints (plus the chosen one)
+
+
 def candidate_policies(cfg: Config, lay: Layout) -> list[Policy]:
     """Cheapest first: least recompute, then least offload, then tiled MLP (with each offload
-    fraction), then optimizer offload.
+    fraction), then optimizer offload. Offload fractions go in steps of 1/``OFFLOAD_STEPS``.
 
     The tiled loss joins from the second rung on: it recomputes only the output projection (one
     [T, dim] x [dim, vocab] product), less than any block recompute, and removes the largest
@@ -542,7 +549,7 @@ def candidate_policies(cfg: Config, lay: Layout) -> list[Policy]:
     base = Policy("full", recompute_loops=looped, tiled_loss=loss)
     if looped:
         ladder.append(base)
-    fractions = (0.25, 0.5, 0.75, 1.0)
+    fractions = tuple(round(k / OFFLOAD_STEPS, 4) for k in range(1, OFFLOAD_STEPS + 1))
     ladder += [dataclasses.replace(base, offload_fraction=phi) for phi in fractions]
     # tiled MLP recomputes each chunk's intermediate once more, so it comes after every offload
     # rung; with it, a partial offload often fits where the host cannot take every layer input
@@ -641,12 +648,15 @@ def format_plan(cfg: Config, p: Plan) -> str:
            ["GPU GiB".rjust(8), "host GiB".rjust(8), "peak at".ljust(22), " fits"]
     lines = [head, "", " ".join(cols)]
     for e in p.rows:
+        if e is not p.chosen and e.policy.offload_fraction not in SHOWN_FRACTIONS:
+            continue  # the fine offload steps between quarters: only the chosen one is shown
         fits = e.gpu_total <= usable(p.budget) and e.host_total <= p.host_budget
         mark = " <- chosen" if e is p.chosen else ("  yes" if fits else "  no")
         vals = [_gib(e.gpu.get(k, 0)) for k in keys]
         lines.append(" ".join([e.policy.name.ljust(40)] + vals +
                               [_gib(e.gpu_total), _gib(e.host_total), e.phase.ljust(22), mark]))
-    lines.append("\nterms at the moment of each row's peak (see longtrain.memory.planner's docstring)")
+    lines.append(f"\nterms at the moment of each row's peak (see longtrain.memory.planner's docstring); "
+                 f"offload fractions are tried in steps of 1/{OFFLOAD_STEPS}, quarters shown")
     if p.chosen is None:
         lines.append("nothing fits; see the error for what to change.")
     return "\n".join(lines)

@@ -1,5 +1,7 @@
 """The planner's exact terms, its formulae against what autograd saves, and its choice of policy."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -187,3 +189,23 @@ def test_plan_cli_prints_a_table(capsys):
     assert main(["plan", "llama3.2-1b", "data.seq_len=131072", "--gpu-gb", "80"]) == 0
     out = capsys.readouterr().out
     assert "<- chosen" in out and "GPU GiB" in out and "resolves to" in out
+
+
+def test_offload_fraction_between_quarters_fits_where_no_quarter_does(capsys):
+    """Llama-3-8B, 1M tokens, sp=2 on two H200s, 120 GiB host each: 3/4 offloaded leaves too much
+    on the GPU, everything offloaded is too much for the host; 0.9 fits both. The plan table
+    shows the quarters and the chosen fine step only."""
+    from longtrain.cli import main
+
+    over = ["data.seq_len=1048576", "parallel.sp=2", "schedule.dtype=bf16", "memory.gpu_budget_gb=139",
+            "memory.host_budget_gb=120", "memory.policy=auto"]
+    p = plan(load_config("llama3-8b", over), 2)
+    fits = lambda e: e.gpu_total <= planner.usable(p.budget) and e.host_total <= p.host_budget
+    assert p.chosen is not None and p.chosen.policy.offload_fraction == 0.9, p.chosen.policy.name
+    same = [e for e in p.rows if dataclasses.replace(e.policy, offload_fraction=0.9) == p.chosen.policy]
+    by_phi = {e.policy.offload_fraction: e for e in same}
+    assert not fits(by_phi[0.75]) and not fits(by_phi[1.0]) and not fits(by_phi[0.85])
+    assert by_phi[0.75].gpu_total > planner.usable(p.budget) and by_phi[1.0].host_total > p.host_budget
+    assert main(["plan", "llama3-8b", *over, "--world", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "offload0.9+" in out and "offload0.85+" not in out and "offload0.75+" in out

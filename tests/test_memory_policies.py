@@ -77,6 +77,8 @@ POLICIES = {
     "full_offload_1.0": dict(recompute="full", offload=True, offload_fraction=1.0),
     "full_offload_0.5": dict(recompute="full", offload=True, offload_fraction=0.5, offload_prefetch=2),
     "selective_offload_0.5": dict(recompute="selective", offload=True, offload_fraction=0.5),
+    # a fine planner step (1/20): the token split rounds to whole rows of an odd length
+    "full_offload_0.9_tiled_mlp": dict(recompute="full", offload=True, offload_fraction=0.9, tiled_mlp=3),
     "tiled_mlp": dict(tiled_mlp=3),
     "tiled_loss": dict(tiled_loss=10),
     "all_tiling_full_offload": dict(recompute="full", offload=True, offload_fraction=0.5, tiled_mlp=4,
