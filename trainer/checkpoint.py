@@ -388,6 +388,11 @@ class Checkpointer:
         self.pg = None
         if self.distributed:
             self.pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.parallel.init_timeout_s))
+        elif dist.is_available() and dist.is_initialized():
+            # one process with a process group (FSDP2 on one rank, parallel.fsdp): DCP's async_save
+            # wants a group with a CPU backend even when it does not communicate (no_dist), and
+            # the default group of a one-GPU run may be NCCL alone
+            self.pg = dist.new_group(backend="gloo")
         self._pending: Optional[tuple[int, Path, Any]] = None  # (step, tmp dir, future)
         self._last_saved_step = -1
         self._last_save_time = time.monotonic()
