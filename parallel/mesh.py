@@ -284,7 +284,7 @@ def init_distributed(cfg) -> ParallelDims:
             # in-memory store (no rendezvous, no MASTER_ADDR), kept with world_size 1 so the rest of
             # the trainer still runs as one process (parallel.fsdp, "One process in bf16")
             if not dist.is_initialized():
-                dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
+                dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                         store=dist.HashStore(), rank=0, world_size=1,
                                         device_id=device if device.type == "cuda" else None)
             dims.build_mesh(device.type)
