@@ -20,6 +20,8 @@ def _plan(ns: argparse.Namespace) -> int:
     if ns.host_gb is not None:
         overrides.append(f"memory.host_budget_gb={ns.host_gb}")
     cfg = load_config(config, overrides)
+    if ns.longest:
+        return _longest(cfg, ns.world)
     p = plan(cfg, ns.world)
     print(format_plan(cfg, p))
     if cfg.memory.policy == "auto" or p.chosen is None:
@@ -32,6 +34,24 @@ def _plan(ns: argparse.Namespace) -> int:
               f"recompute_loops={chosen.recompute_loops} offload={chosen.offload} "
               f"offload_fraction={chosen.offload_fraction:g} tiled_mlp={chosen.tiled_mlp} "
               f"tiled_loss={chosen.tiled_loss} optimizer_offload={chosen.optimizer_offload}")
+    return 0
+
+
+def _longest(cfg, world) -> int:
+    from longtrain.memory.planner import GiB, longest_seq_len, usable
+
+    n, p = longest_seq_len(cfg, world)
+    if p is None:
+        print("longtrain plan --longest: not even 1024 tokens per sequence fit these budgets; raise "
+              "memory.gpu_budget_gb / memory.host_budget_gb or parallel.sp/tp/dp_shard.")
+        return 1
+    e = p.chosen
+    print(f"longest data.seq_len that fits (planner estimate, batch {cfg.data.batch_size}): {n} tokens "
+          f"({n / 2**20:.3g}M) with {e.policy.name}: {e.gpu_total / GiB:.1f} of {usable(p.budget) / GiB:.1f} GiB "
+          f"usable per GPU ({p.budget_desc}), {e.host_total / GiB:.1f} of {p.host_budget / GiB:g} GiB host")
+    if n > cfg.model.max_seq_len:
+        print(f"note: beyond model.max_seq_len={cfg.model.max_seq_len}; raise it (and the rotary scaling, if "
+              f"the model needs it) to train this long")
     return 0
 
 
@@ -52,6 +72,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("args", nargs="*", metavar="[CONFIG] [section.key=value ...]")
     p.add_argument("--gpu-gb", type=float, default=None, help="GPU budget in GiB (memory.gpu_budget_gb)")
     p.add_argument("--host-gb", type=float, default=None, help="host budget per rank (memory.host_budget_gb)")
+    p.add_argument("--longest", action="store_true",
+                   help="print the longest data.seq_len some memory policy fits (planner estimate)")
     p.add_argument("--world", type=int, default=None,
                    help="world size to resolve parallel.dp_shard=-1 (default launch.nodes*nproc_per_node)")
     p.set_defaults(func=_plan)

@@ -591,6 +591,34 @@ def plan(cfg: Config, world=None) -> Plan:
     return Plan(lay, budget, desc, host, rows, chosen)
 
 
+def longest_seq_len(cfg: Config, world=None, max_seq: int = 1 << 27) -> tuple[int, Plan | None]:
+    """The longest ``data.seq_len`` for which some policy fits the budgets, and its plan.
+
+    Lengths are multiples of 1024 x sp x tp (what the mesh checks ask for); found by doubling then
+    bisection, since every policy's estimate grows with the length. (0, None) when even the unit
+    does not fit.
+    """
+    lay = layout_from(cfg, world)
+    unit = 1024 * lay.sp * lay.tp
+    trial = copy.deepcopy(cfg)
+
+    def plan_at(n_units: int) -> Plan | None:
+        trial.data.seq_len = n_units * unit
+        p = plan(trial, world)
+        return p if p.chosen is not None else None
+
+    if plan_at(1) is None:
+        return 0, None
+    lo, hi = 1, 2
+    while hi * unit <= max_seq and plan_at(hi) is not None:
+        lo, hi = hi, hi * 2
+    hi = min(hi, max_seq // unit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if plan_at(mid) is not None else (lo, mid)
+    return lo * unit, plan_at(lo)
+
+
 def resolve_policy(cfg: Config, world=None) -> Config:
     """A copy of ``cfg`` with the memory fields set to the cheapest policy that fits.
 

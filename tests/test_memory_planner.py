@@ -209,3 +209,19 @@ def test_offload_fraction_between_quarters_fits_where_no_quarter_does(capsys):
     assert main(["plan", "llama3-8b", *over, "--world", "2"]) == 0
     out = capsys.readouterr().out
     assert "offload0.9+" in out and "offload0.85+" not in out and "offload0.75+" in out
+
+
+def test_longest_seq_len_fits_and_one_unit_more_does_not(capsys):
+    from longtrain.cli import main
+
+    over = ["schedule.dtype=bf16", "memory.gpu_budget_gb=80", "memory.host_budget_gb=64", "parallel.sp=2"]
+    cfg = load_config("llama3.2-1b", over)
+    n, p = planner.longest_seq_len(cfg, 2)
+    unit = 1024 * 2
+    assert n > 0 and n % unit == 0 and p.chosen is not None
+    at = lambda L: plan(load_config("llama3.2-1b", over + [f"data.seq_len={L}"]), 2).chosen
+    assert at(n) is not None and at(n + unit) is None
+    assert main(["plan", "llama3.2-1b", *over, "--world", "2", "--longest"]) == 0
+    assert f"longest data.seq_len that fits (planner estimate, batch 1): {n} tokens" in capsys.readouterr().out
+    tiny_budget = load_config("llama3.2-1b", over + ["memory.gpu_budget_gb=2"])
+    assert planner.longest_seq_len(tiny_budget, 2) == (0, None)
