@@ -44,12 +44,36 @@ def tiled_mlp_forward(fwd: Callable, n_chunks: int, snapshot: Callable | None = 
         seq = x.shape[seq_dim]
         if n_chunks <= 1 or seq < 2:
             return fwd(x)
+        step = chunk_fn if torch.is_grad_enabled() else fwd
+        k = _gathered_shards(x)
+        if k > 1:
+            return torch.cat([step(p) for p in _rank_major_chunks(x, k, n_chunks, seq_dim)], dim=seq_dim)
         size = math.ceil(seq / min(n_chunks, seq))
         pieces = x.split(size, dim=seq_dim)
-        step = chunk_fn if torch.is_grad_enabled() else fwd
         return torch.cat([step(p) for p in pieces], dim=seq_dim)
 
     return run
+
+
+def _gathered_shards(x) -> int:
+    """k > 1 when ``x`` is a sequence that tensor parallelism gathered from k ranks' shards (a
+    replicated DTensor on a 1-D mesh: ``parallel.tensor_parallel``'s plan gathers the MLP input and
+    scatters the output projection's result back along the sequence)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if isinstance(x, DTensor) and x.device_mesh.ndim == 1 and all(isinstance(p, Replicate) for p in x.placements):
+        return x.device_mesh.size()
+    return 1
+
+
+def _rank_major_chunks(x, k: int, n_chunks: int, seq_dim: int) -> list:
+    """Chunk i = piece i of every rank's shard, in rank order. The output projection scatters a
+    chunk back by rank, so rank r receives its own piece i, and the pieces concatenate to its
+    contiguous shard (plain contiguous chunks would hand it other ranks' tokens)."""
+    local = x.shape[seq_dim] // k
+    size = math.ceil(local / min(n_chunks, local))
+    return [torch.cat([x.narrow(seq_dim, r * local + start, min(size, local - start)) for r in range(k)], dim=seq_dim)
+            for start in range(0, local, size)]
 
 
 def tiled_loss_forward(fwd: Callable, tokens_per_chunk: int) -> Callable:
@@ -65,12 +89,20 @@ def tiled_loss_forward(fwd: Callable, tokens_per_chunk: int) -> Callable:
             return fwd(h)
         dim = h.shape[-1]
         hf = h.reshape(1, -1, dim)  # tokens of all sequences in a row: [1, B*S, dim]
-        lf = labels.reshape(1, -1)
         if hf.shape[1] <= tokens_per_chunk:
             return fwd(h, labels)
+        # Tensor parallelism hands the head a 1/k sequence shard (k = tp) and its output projection
+        # gathers the shards of whatever it is given, in rank order: the labels of chunk i are then
+        # rank 0's chunk i, rank 1's chunk i, ... Rows of ``lf``: each rank's labels in the order of
+        # its flattened shard; k = 1 (no shard) is one row.
+        b, s = labels.shape[0], labels.shape[1]
+        k = s // h.shape[1]
+        lf = labels.reshape(b, k, s // k).transpose(0, 1).reshape(k, -1)
         step = chunk_fn if torch.is_grad_enabled() else fwd
-        total = None
-        for hc, lc in zip(hf.split(tokens_per_chunk, dim=1), lf.split(tokens_per_chunk, dim=1)):
+        total, start = None, 0
+        for hc in hf.split(tokens_per_chunk, dim=1):
+            lc = lf[:, start:start + hc.shape[1]].reshape(1, -1)
+            start += hc.shape[1]
             part = step(hc, lc)
             total = part if total is None else total + part
         return total

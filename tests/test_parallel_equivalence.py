@@ -34,6 +34,9 @@ LOOPED = ["model.arch=looped", "model.vocab_size=64", "model.dim=32", "model.n_h
           "model.lora_rank=2", "model.reinject=concat", "model.max_seq_len=64"]
 
 
+TILED = ["memory.tiled_loss=8", "memory.tiled_mlp=2", "memory.recompute=full"]
+
+
 def make_config(model: list[str], parallel: dict, seq_len: int = 32):
     from longtrain.config import load_config
 
@@ -192,6 +195,11 @@ LAYOUTS = {
     # the 8-GPU issue's second layout, on 8 CPU processes: 8 heads / 2 KV heads, tp=2 leaves 4 and 1
     # per rank, so Ulysses over sp=4 replicates the one local KV head 4 times
     "tp2_sp4": (LLAMA + ["model.n_heads=8"], {"tp": 2, "sp": 4}, 8),
+    # memory policies on the parallel model only (the reference is plain): the tiled loss gets each
+    # tp rank's sequence shard, which the head gathers chunk by chunk (labels must follow)
+    "tp2_tiled_loss_mlp_full": (LLAMA + TILED, {"tp": 2}, 2),
+    "tp2_sp2_tiled_loss_mlp_full": (LLAMA + TILED, {"tp": 2, "sp": 2}, 4),
+    "looped_lora_concat_tp2_sp2_tiled_loss_mlp_full": (LOOPED + TILED, {"tp": 2, "sp": 2}, 4),
 }
 
 
