@@ -109,14 +109,25 @@ def _is_parameter_like(t: torch.Tensor) -> bool:
 
 
 def _local(t: torch.Tensor):
-    """(local tensor, rebuild) for a DTensor; (t, None) for a plain tensor."""
+    """(local tensor, rebuild) for a DTensor; (t, None) for a plain tensor.
+
+    A tensor-parallel layer's output handed on as a local tensor may still be the wrapper of an
+    asynchronous collective (no storage of its own): the wait gives the plain tensor it stands for,
+    which is what is moved and what comes back.
+    """
     try:
+        from torch.distributed._functional_collectives import AsyncCollectiveTensor
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover
         return t, None
     if isinstance(t, DTensor):
         spec, rg = t._spec, t.requires_grad
-        return t._local_tensor, lambda local: DTensor(local, spec, requires_grad=rg)
+        local = t._local_tensor
+        if isinstance(local, AsyncCollectiveTensor):
+            local = local.wait()
+        return local, lambda local: DTensor(local, spec, requires_grad=rg)
+    if isinstance(t, AsyncCollectiveTensor):
+        return t.wait(), None
     return t, None
 
 

@@ -10,6 +10,10 @@ over dp and sp):
   ``full_tensor``), and the global gradient norm from ``parallel.clip_grad_norm_``;
 - the loss after 3 AdamW steps with gradient clipping (measured on the first batch again).
 
+Three layouts also apply every memory policy (recompute, offload, tiled MLP and loss) to the
+parallel model only, so tiling and offload under tensor/sequence parallelism are checked against
+the plain single-process model.
+
 Tolerances: relative 2e-5 on losses and grad norm, and 2e-5 on each gradient measured as
 ``max|g - g_ref| / max|g_ref|`` (observed errors are ~1e-7..1e-6: only the summation order
 differs). The last tests prove the comparison has teeth: swapping two sp ranks' slices, or an
@@ -34,7 +38,9 @@ LOOPED = ["model.arch=looped", "model.vocab_size=64", "model.dim=32", "model.n_h
           "model.lora_rank=2", "model.reinject=concat", "model.max_seq_len=64"]
 
 
-TILED = ["memory.tiled_loss=8", "memory.tiled_mlp=2", "memory.recompute=full"]
+# every memory policy at once (full recompute, half the layer inputs offloaded, tiled MLP and loss)
+POLICIES = ["memory.recompute=full", "memory.offload=true", "memory.offload_fraction=0.5", "memory.tiled_mlp=2",
+            "memory.tiled_loss=8"]
 
 
 def make_config(model: list[str], parallel: dict, seq_len: int = 32):
@@ -195,11 +201,12 @@ LAYOUTS = {
     # the 8-GPU issue's second layout, on 8 CPU processes: 8 heads / 2 KV heads, tp=2 leaves 4 and 1
     # per rank, so Ulysses over sp=4 replicates the one local KV head 4 times
     "tp2_sp4": (LLAMA + ["model.n_heads=8"], {"tp": 2, "sp": 4}, 8),
-    # memory policies on the parallel model only (the reference is plain): the tiled loss gets each
-    # tp rank's sequence shard, which the head gathers chunk by chunk (labels must follow)
-    "tp2_tiled_loss_mlp_full": (LLAMA + TILED, {"tp": 2}, 2),
-    "tp2_sp2_tiled_loss_mlp_full": (LLAMA + TILED, {"tp": 2, "sp": 2}, 4),
-    "looped_lora_concat_tp2_sp2_tiled_loss_mlp_full": (LOOPED + TILED, {"tp": 2, "sp": 2}, 4),
+    # memory policies on the parallel model only (the reference is plain): the tiled loss and MLP
+    # get each tp rank's sequence shard, which the projections gather chunk by chunk; offload
+    # moves tensor-parallel outputs that are still async-collective wrappers
+    "tp2_memory_policies": (LLAMA + POLICIES, {"tp": 2}, 2),
+    "tp2_sp2_memory_policies": (LLAMA + POLICIES, {"tp": 2, "sp": 2}, 4),
+    "looped_lora_concat_tp2_sp2_memory_policies": (LOOPED + POLICIES, {"tp": 2, "sp": 2}, 4),
 }
 
 
