@@ -35,7 +35,7 @@ from longtrain.memory.recompute import block_index_map, checkpointed, loop_index
 def tiled_mlp_forward(fwd: Callable, n_chunks: int, snapshot: Callable | None = None,
                       seq_dim: int = 1) -> Callable:
     """``fwd(x)`` evaluated on ``n_chunks`` slices of ``x`` along ``seq_dim``, recomputed in backward."""
-    chunk_fn = checkpointed(fwd, "full", snapshot=snapshot)
+    chunk_fn = checkpointed(_waited(fwd), "full", snapshot=snapshot)
 
     @functools.wraps(fwd)
     def run(x, *args, **kwargs):
@@ -51,6 +51,22 @@ def tiled_mlp_forward(fwd: Callable, n_chunks: int, snapshot: Callable | None = 
         size = math.ceil(seq / min(n_chunks, seq))
         pieces = x.split(size, dim=seq_dim)
         return torch.cat([step(p) for p in pieces], dim=seq_dim)
+
+    return run
+
+
+def _waited(fwd: Callable) -> Callable:
+    """``fwd`` whose output, when it is the wrapper of a still-running collective (tensor
+    parallelism's reduce-scatter after the MLP), is waited for inside the call. A recompute in
+    backward runs the chunk again only for what it saved and drops the output: unwaited, each such
+    collective would stay registered for the rest of the run (a leak per layer, chunk and step)."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    @functools.wraps(fwd)
+    def run(*args, **kwargs):
+        out = fwd(*args, **kwargs)
+        # any non-view op on the wrapper waits and stays differentiable (``wait()`` would not)
+        return out.clone() if isinstance(out, AsyncCollectiveTensor) else out
 
     return run
 

@@ -173,6 +173,8 @@ def compare_layout(model_over: list[str], parallel: dict, docs: bool = False, sw
         "worst_grad": worst,
         "losses": (got["losses"], expect["losses"]),
         "clipped": expect["norms"][0] > 0.5,
+        # collectives launched and never waited for stay registered: a leak that grows every step
+        "unwaited": torch._C._distributed_c10d._get_work_registry_size(),
     }
 
 
@@ -185,6 +187,7 @@ def assert_equal_to_single_process(results: list[dict]) -> None:
         assert r["loss_after_3"] < LOSS_RTOL, msg
         assert r["clipped"], "the clip threshold should bind so clipping is exercised"
         assert r["losses"][1][-1] < r["losses"][1][0], "training should lower the loss"
+        assert r.get("unwaited", 0) == 0, msg
 
 
 LAYOUTS = {
