@@ -50,4 +50,16 @@ def test_saved_config_round_trips():
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-llama", "llama3.2-1b", "llama3-8b", "looped-1b"])
 def test_shipped_configs_load(name):
-    load_config(name)
+    """Each shipped YAML loads, and every value it sets is the value the config tree holds."""
+    from pathlib import Path
+
+    import yaml
+
+    cfg = load_config(name)
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    written = yaml.safe_load(path.read_text()) or {}
+    assert written, f"{path} sets nothing"
+    for section, values in written.items():
+        for key, value in values.items():
+            got = getattr(getattr(cfg, section), key)
+            assert got == value, f"{name}: {section}.{key} = {got!r}, the file says {value!r}"
