@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from longtrain.models.llama import Block
 from longtrain.parallel.fsdp import apply_fsdp, uses_fsdp
-from longtrain.parallel.tensor_parallel import apply_tensor_parallel, replicate_partial_grads
+from longtrain.parallel.tensor_parallel import apply_tensor_parallel, align_grad_placements
 from longtrain.parallel.ulysses import apply_ulysses
 
 
@@ -57,5 +57,5 @@ def parallelize(model: nn.Module, dims, cfg) -> nn.Module:
     if uses_fsdp(dims):
         model = apply_fsdp(model, dims, cfg)
     elif dims.tp > 1:
-        replicate_partial_grads(model)
+        align_grad_placements(model)
     return model

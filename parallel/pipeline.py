@@ -177,8 +177,6 @@ class PipelineModel(nn.Module):
         for group, entries in self._shared:
             totals = []
             for _, copies in entries:
-                for p in copies:  # a tp-sharded copy's gradient laid out like the copy (see below)
-                    _align_grad(p)
                 grads = [_local(p.grad) for p in copies if p.grad is not None]
                 totals.append(torch.stack(grads).sum(0) if grads else torch.zeros_like(_local(copies[0])))
             if group is not None:
@@ -239,20 +237,6 @@ def _pp_subgroups(dims, pp_ranks: tuple[int, ...]):
         if dims.rank in ranks:
             mine = g
     return mine
-
-
-def _align_grad(p) -> None:
-    """Give a DTensor parameter's gradient the parameter's placements.
-
-    DTensor's embedding backward returns the vocab-sharded embedding's gradient replicated; the
-    copy of the same tied weight on another stage (the head) gets it sharded. Their local tensors
-    must have the same layout before the pp all-reduce pairs them up (Replicate -> Shard is a
-    local slice, no communication).
-    """
-    g = p.grad
-    placements = getattr(p, "placements", None)
-    if g is not None and placements is not None and getattr(g, "placements", placements) != placements:
-        p.grad = g.redistribute(g.device_mesh, placements)
 
 
 def _plan_shared(pm: PipelineModel, model: nn.Module, local_stages: list[int]) -> None:

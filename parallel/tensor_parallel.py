@@ -123,19 +123,21 @@ def apply_tensor_parallel(model: nn.Module, dims) -> nn.Module:
     return model
 
 
-def replicate_partial_grads(model: nn.Module) -> None:
-    """Without FSDP, turn Partial gradients of replicated DTensor parameters into Replicate ones.
+def align_grad_placements(model: nn.Module) -> None:
+    """Without FSDP, give every DTensor parameter's gradient the parameter's own placements.
 
     A replicated weight used on a sequence shard (norms, the re-injection projection, one side of
-    a LoRA) gets a gradient pending a sum over tp (``Partial``). FSDP resolves that itself when it
+    a LoRA) gets a gradient pending a sum over tp (``Partial``); DTensor's embedding backward
+    returns the vocab-sharded embedding's gradient replicated. FSDP resolves both itself when it
     reduces gradients; with tensor parallel alone this hook does it once the gradient is ready, so
-    optimizers and the norm see the true gradient.
+    optimizers, the norm and the pipeline's sum of a tied weight's copies (whose local tensors
+    must have one layout on every stage) see the gradient laid out like the weight.
     """
-    from torch.distributed.tensor import DTensor, Partial
+    from torch.distributed.tensor import DTensor
 
     def hook(p):
         g = p.grad
-        if isinstance(g, DTensor) and any(isinstance(pl, Partial) for pl in g.placements):
+        if isinstance(g, DTensor) and g.placements != p.placements:
             p.grad = g.redistribute(g.device_mesh, p.placements)
 
     for p in model.parameters():
