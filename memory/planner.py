@@ -607,16 +607,20 @@ def longest_seq_len(cfg: Config, world=None, max_seq: int = 1 << 27) -> tuple[in
         p = plan(trial, world)
         return p if p.chosen is not None else None
 
-    if plan_at(1) is None:
+    best = plan_at(1)  # always the plan of ``lo``
+    if best is None:
         return 0, None
     lo, hi = 1, 2
-    while hi * unit <= max_seq and plan_at(hi) is not None:
-        lo, hi = hi, hi * 2
+    while hi * unit <= max_seq and (p := plan_at(hi)) is not None:
+        lo, hi, best = hi, hi * 2, p
     hi = min(hi, max_seq // unit + 1)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if plan_at(mid) is not None else (lo, mid)
-    return lo * unit, plan_at(lo)
+        if (p := plan_at(mid)) is not None:
+            lo, best = mid, p
+        else:
+            hi = mid
+    return lo * unit, best
 
 
 def resolve_policy(cfg: Config, world=None) -> Config:

@@ -17,7 +17,6 @@ Checked on CPU with gloo:
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -25,6 +24,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
+from test_launch_common import worker_env
 
 TINY = ["tiny-llama", "model.n_heads=4", "model.n_kv_heads=2", "data.seq_len=128", "data.batch_size=2",
         "schedule.warmup_steps=1", "schedule.device=cpu", "schedule.dtype=bf16", "schedule.eval_every=0",
@@ -64,7 +64,7 @@ def test_one_process_in_bf16_is_fsdp_on_one_rank_with_a_bf16_stream():
 
 def _train(tmp_path, name, *extra, nproc=1, steps=2):
     out = tmp_path / name
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = worker_env()
     args = [*TINY, f"schedule.steps={steps}", f"logging.run_dir={out}", *extra]
     if nproc == 1:
         cmd = [sys.executable, "-m", "longtrain.launch.worker", *args]

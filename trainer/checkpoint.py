@@ -34,12 +34,13 @@ The idea, per property:
   ``step-N/`` and replaces ``latest`` with ``os.replace``. A killed save leaves only a ``.tmp``
   directory, which resume ignores and the next run deletes.
 - **Asynchronous.** ``dcp.async_save`` copies the state to CPU memory (so the next optimizer step
-  may change the weights) and writes from a background thread. ``checkpoint.staging=background``
-  moves that copy off the loop too: a DCP ``DefaultStager`` fills reused (pinned, on GPU) buffers
-  from a thread while the next forward/backward runs, and an optimizer pre-step hook waits for it. That thread runs DCP's collectives
+  may change the weights) and writes from a background thread. That thread runs DCP's collectives
   on a process group of its own (gloo), never on the group the training step uses: two threads
   issuing collectives on one group could interleave them. The commit happens in the main thread,
   when ``after_step`` sees the write finished (or before the next save / at ``finish``).
+  ``checkpoint.staging=background`` moves the copy off the loop too: a DCP ``DefaultStager``
+  fills reused (pinned, on GPU) buffers from a thread while the next forward/backward runs, and
+  an optimizer pre-step hook waits for it.
 - **Resume.** ``resume=auto`` tries the newest complete checkpoint; one that fails verification
   (missing or truncated shard, missing metadata) is skipped with a warning for the one before.
   A checkpoint of a different model shape is an error, not a fallback: older ones would not fit
