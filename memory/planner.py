@@ -263,10 +263,11 @@ def _param_bytes(cfg: Config, a: int) -> int:
 
 
 def uses_fsdp(lay: Layout, cfg: Config | None = None, a: int | None = None) -> bool:
-    """As ``parallel.fsdp.uses_fsdp``: sharded over dp, or one process wrapped for bf16 weights."""
+    """As ``parallel.fsdp.uses_fsdp``: sharded over dp, or, with no data-parallel peers (one process,
+    tensor or pipeline parallelism alone), wrapped on a one-rank mesh for bf16 weights."""
     if lay.dp_replicate * lay.fsdp > 1:
         return True
-    if cfg is None or lay.world != 1:
+    if cfg is None:
         return False
     return _param_bytes(cfg, act_bytes(cfg) if a is None else a) == 2
 
@@ -281,12 +282,12 @@ def weight_bytes(cfg: Config, lay: Layout, a: int) -> int:
 def residual_bytes(cfg: Config, lay: Layout, a: int) -> int:
     """Bytes per element of the residual stream (every block's input and output).
 
-    Without FSDP (pipeline or tensor parallel with no data parallelism, or
-    ``parallel.param_dtype=fp32``) the parameters are fp32: the embedding lookup is not an autocast op, so its
-    output is fp32, and ``x + bf16_branch`` promotes back to fp32 after every attention and MLP,
-    so the block inputs and the norms' inputs/outputs are fp32 even under bf16 autocast. Under
-    FSDP2 with ``param_dtype=bf16`` (on one process too: a one-rank mesh) the embedding weight is
-    bf16 and the stream is bf16.
+    With ``parallel.param_dtype=fp32`` the parameters are fp32: the embedding lookup is not an
+    autocast op, so its output is fp32, and ``x + bf16_branch`` promotes back to fp32 after every
+    attention and MLP, so the block inputs and the norms' inputs/outputs are fp32 even under bf16
+    autocast. Under FSDP2 with ``param_dtype=bf16`` (with no data-parallel peers too: one process,
+    or tensor / pipeline parallelism alone, on a one-rank mesh) the embedding weight is bf16 and
+    the stream is bf16.
     """
     return 4 if a == 4 else weight_bytes(cfg, lay, a)
 

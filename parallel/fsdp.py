@@ -16,13 +16,14 @@ policy, and the gradient reduction that makes the result exactly the single-proc
   sp), so the exact gradient is the SUM over ranks. FSDP averages by default; here the divide
   factor is 1 and only sum reductions are used (``set_force_sum_reduction_for_comms``, also
   needed by gloo, which has no pre-multiplied sum).
-- One process in bf16: FSDP2 over a one-rank mesh, used for its mixed precision only (bf16
-  weights for the matmuls and a bf16 residual stream over fp32 master weights), so one GPU
-  computes in the same precision as many and keeps half the activation bytes; plain bf16
-  autocast over fp32 weights would leave the stream -- every saved or offloaded layer input --
-  in fp32. ``parallel.param_dtype=fp32`` turns it off. The one-rank group is started by
-  ``parallel.mesh.init_distributed``; with pipeline or tensor parallelism and no data
-  parallelism the stages keep fp32 weights under autocast (not wrapped).
+- No data-parallel peers in bf16 (one process, or tensor / pipeline parallelism alone): FSDP2
+  over a one-rank mesh, used for its mixed precision only (bf16 weights for the matmuls and a
+  bf16 residual stream over fp32 master weights), so such a run computes in the same precision
+  as a data-parallel one and keeps half the activation bytes; plain bf16 autocast over fp32
+  weights would leave the stream -- every saved or offloaded layer input -- in fp32.
+  ``parallel.param_dtype=fp32`` turns it off. One process gets its one-rank group from
+  ``parallel.mesh.init_distributed``; with tp or pp the mesh is the size-1 ``dp_shard_sp`` view
+  (composed with the tp placements like any FSDP2 x TP mesh; each pipeline stage is wrapped).
 """
 
 from __future__ import annotations
@@ -51,9 +52,16 @@ def mixed_precision(cfg, device: torch.device) -> MixedPrecisionPolicy:
                                 reduce_dtype=_DTYPES[cfg.parallel.reduce_dtype])
 
 
-def wants_one_rank_fsdp(cfg, world_size: int, device_type: str) -> bool:
-    """One process whose weights should be bf16 for compute: FSDP2 on a one-rank mesh gives that."""
-    return world_size == 1 and param_dtype_name(cfg, device_type) == "bf16"
+def wants_one_rank_fsdp(cfg, dims, device_type: str) -> bool:
+    """No data-parallel peers (one process, or tensor/pipeline parallelism only) yet bf16 weights
+    wanted for compute: FSDP2 over each rank's one-rank data-parallel mesh gives that -- bf16
+    weights and residual stream over fp32 master weights, as with many data-parallel ranks.
+
+    Without it such a run keeps fp32 weights under bf16 autocast, and autocast leaves the residual
+    stream (every saved or offloaded layer input) fp32: twice the activation bytes.
+    """
+    no_peers = dims.dp_replicate * dims.dp_shard * dims.sp == 1
+    return no_peers and param_dtype_name(cfg, device_type) == "bf16"
 
 
 def fsdp_mesh(dims):

@@ -22,7 +22,9 @@ Every size is kept in the mesh (size-1 dimensions included), so ``get_group("sp"
 and a rank or size is computed in exactly one place. One ``ParallelDims`` object is passed
 explicitly to whoever needs it; there is no global state. World size 1 is the special case with
 no process group and no mesh, except in bf16, where FSDP2's mixed precision needs a one-rank group
-and mesh (``one_rank_fsdp``); the process still counts as world size 1.
+and mesh (``one_rank_fsdp``); the process still counts as world size 1. Tensor or pipeline
+parallelism with no data-parallel peers is wrapped the same way, over the one-rank ``dp_shard_sp``
+mesh.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ class ParallelDims:
     flat_meshes: dict = field(default_factory=dict, repr=False)
     # names the stuck rank and operation when a collective hangs (parallel.watchdog); None in one process
     watchdog: Optional["CollectiveWatchdog"] = field(default=None, repr=False, compare=False)
-    # one process wrapped in FSDP2 for bf16 mixed precision (parallel.fsdp): a one-rank group exists
+    # no data-parallel peers, wrapped in FSDP2 over a one-rank mesh for bf16 mixed precision
+    # (parallel.fsdp); for one process this also means a one-rank process group exists
     one_rank_fsdp: bool = False
 
     # ---------------------------------------------------------------- construction and checks
@@ -279,7 +282,7 @@ def init_distributed(cfg) -> ParallelDims:
     # checks before the process group: a config error must not leave other ranks waiting
     dims = ParallelDims.from_config(cfg, world_size, rank=rank, local_rank=local_rank, device=device)
     if world_size == 1:
-        if wants_one_rank_fsdp(cfg, world_size, device.type):
+        if wants_one_rank_fsdp(cfg, dims, device.type):
             # FSDP2 needs a mesh even for its mixed precision alone: a one-rank group on an
             # in-memory store (no rendezvous, no MASTER_ADDR), kept with world_size 1 so the rest of
             # the trainer still runs as one process (parallel.fsdp, "One process in bf16")
@@ -299,6 +302,8 @@ def init_distributed(cfg) -> ParallelDims:
                                 timeout=timedelta(seconds=cfg.parallel.init_timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     dims.build_mesh(device.type)
+    # tensor or pipeline parallelism alone: FSDP2 over the one-rank dp_shard_sp mesh for bf16
+    dims.one_rank_fsdp = wants_one_rank_fsdp(cfg, dims, device.type)
     _set_training_timeout(dims, cfg.parallel.timeout_s)
     wd_interval = min(5.0, max(0.2, cfg.parallel.timeout_s / 20))
     dims.watchdog = CollectiveWatchdog(rank, world_size, cfg.parallel.timeout_s,

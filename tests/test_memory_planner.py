@@ -69,10 +69,11 @@ def test_llama3_8b_activation_formula():
     cfg = load_config("llama3-8b")
     m = cfg.model
     # the residual stream is fp32 without FSDP (fp32 parameters), bf16 under FSDP2 param_dtype=bf16,
-    # which one process in bf16 uses too (a one-rank mesh); pp or tp alone keep fp32 weights
+    # which one process and pp or tp alone use too (a one-rank mesh)
     fp32w = load_config("llama3-8b", ["parallel.param_dtype=fp32"])
     assert residual_bytes(fp32w, Layout(), 2) == 4 and residual_bytes(cfg, Layout(), 2) == 2
-    assert residual_bytes(cfg, Layout(pp=2), 2) == 4 and residual_bytes(cfg, Layout(tp=2), 2) == 4
+    assert residual_bytes(cfg, Layout(pp=2), 2) == 2 and residual_bytes(cfg, Layout(tp=2), 2) == 2
+    assert residual_bytes(fp32w, Layout(pp=2), 2) == 4 and residual_bytes(fp32w, Layout(tp=2), 2) == 4
     assert residual_bytes(cfg, Layout(dp_shard=2), 2) == 2
     assert residual_bytes(cfg, Layout(sp=2), 2) == 2 and residual_bytes(cfg, Layout(dp_shard=2), 4) == 4
     # bf16 stream: 165 KiB per token per layer (1 KiB of it the rotary tables cast per call)
