@@ -244,24 +244,35 @@ class ActivationOffloader:
     # ---- unpack ----------------------------------------------------------------------------
 
     def _load(self, rec: _Packed, device_stream=None) -> None:
-        """Start bringing ``rec`` back (idempotent)."""
+        """Start bringing ``rec`` back (idempotent).
+
+        The GPU part joins the full tensor here too, and is dropped at once: a prefetched tensor
+        then holds its full size only, not its full size plus the GPU part it was rebuilt from
+        until backward reaches it ((1 - fraction) of a layer input less at the backward peak).
+        """
         if rec.loaded is not None or rec.ready is not None or rec.done:
             return
-        rows_total = rec.n_host + (0 if rec.gpu_rest is None else rec.gpu_rest.shape[0])
+        rest = rec.gpu_rest
+        rows_total = rec.n_host + (0 if rest is None else rest.shape[0])
+        out = torch.empty((rows_total, rec.host.shape[1]), dtype=rec.dtype, device=rec.device)
         if rec.device.type == "cuda" and self.cuda:
             main = torch.cuda.current_stream(rec.device)
-            out = torch.empty((rows_total, rec.host.shape[1]), dtype=rec.dtype, device=rec.device)
             side = self.stream
             side.wait_stream(main)  # out's memory may have been used by queued work on main
             with torch.cuda.stream(side):
                 out[: rec.n_host].copy_(rec.host, non_blocking=True)
+                if rest is not None:
+                    out[rec.n_host:].copy_(rest, non_blocking=True)
                 rec.h2d_event = torch.cuda.Event()
                 rec.h2d_event.record(side)
             out.record_stream(side)
+            if rest is not None:
+                rest.record_stream(side)  # freed below; not reused before the copy ends
         else:
-            out = torch.empty((rows_total, rec.host.shape[1]), dtype=rec.dtype, device=rec.device)
             out[: rec.n_host].copy_(rec.host)
-        rec.loaded = out
+            if rest is not None:
+                out[rec.n_host:].copy_(rest)
+        rec.loaded, rec.gpu_rest = out, None
 
     def unpack(self, rec):
         if not isinstance(rec, _Packed):
@@ -274,14 +285,12 @@ class ActivationOffloader:
         if rec.ready is None:  # first unpack of this handle: finish bringing it back
             self._load(rec)
             out = rec.loaded
-            if rec.gpu_rest is not None:
-                out[rec.n_host:].copy_(rec.gpu_rest)
             if rec.h2d_event is not None:
                 torch.cuda.current_stream(rec.device).wait_event(rec.h2d_event)
             out = out.view(rec.shape)
             rec.ready = rec.rebuild(out) if rec.rebuild is not None else out
             self.pool.release(rec.buf, rec.h2d_event)
-            rec.buf, rec.loaded, rec.gpu_rest = None, None, None
+            rec.buf, rec.loaded = None, None
             self._prefetch_before(rec.index)
         result = rec.ready
         if rec.refs > 0:  # the same tensor was saved by several ops; keep it for their unpacks

@@ -503,6 +503,9 @@ def estimate(cfg: Config, lay: Layout, pol: Policy) -> Estimate:
         "optimizer step": {**base, "gradients": grads_full},
     }
     if phi:
+        # the host rows of the current block's input and of each prefetched one, back on the GPU
+        # (a prefetched input is rebuilt whole and its GPU part freed, memory.offload), plus one
+        # more: offload rows measured 4-12% above this estimate (docs/performance.md)
         phases["backward (first block)"]["offload buffers"] = (cfg.memory.offload_prefetch + 2) * r * dt * T * phi
     out.phase_terms = {k: {n: int(x) for n, x in v.items() if x} for k, v in phases.items()}
     out.phases = {k: sum(v.values()) for k, v in out.phase_terms.items()}

@@ -185,3 +185,31 @@ def test_offload_and_recompute_handle_dtensor_activations_and_weights():
         assert off.stats["packed"] == 4 and off.pool.in_use == 0
     finally:
         dist.destroy_process_group()
+
+
+def test_a_prefetched_tensor_is_rebuilt_whole_and_its_gpu_part_freed():
+    """Prefetching a partly offloaded tensor joins both parts at once: until backward reaches it,
+    it holds its full size, not that plus the GPU part it came from."""
+    from longtrain.memory.offload import ActivationOffloader
+    from longtrain.memory.recompute import checkpointed
+
+    torch.manual_seed(0)
+    w, x = torch.nn.Parameter(torch.randn(64, 64) / 8), torch.randn(2, 32, 64, requires_grad=True)
+    grads = []
+    for offload in (False, True):
+        w.grad = None
+        off = ActivationOffloader(1.0, 0.5, prefetch=1, min_numel=16)
+        block = checkpointed(lambda a: torch.tanh(a @ w.t()) @ w, "full")
+        fn = off.wrap(block) if offload else block
+        h1 = x * 1.5
+        out = fn(fn(h1))
+        if offload:
+            recs = [r() for r in off._records]
+            assert len(recs) == 2 and all(r.gpu_rest is not None and r.n_host == 32 for r in recs)
+            off._load(recs[0])  # what unpacking the second block's input starts in backward
+            assert recs[0].gpu_rest is None and recs[0].loaded.shape == (64, 64)
+            torch.testing.assert_close(recs[0].loaded.view(recs[0].shape), h1, rtol=0, atol=0)
+        out.sum().backward()
+        grads.append(w.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    assert off.stats["packed"] == 2 and off.pool.in_use == 0
