@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "since DeepSpeed 0.19.8's ZeRO-3 asserts on a tied weight whose output-head gradient "
                         "TiledFusedLogitsLoss computes inside forward (same FLOPs; +vocab x dim parameters)")
     p.add_argument("--lr", type=float, default=1e-5)
+    common.add_gpu_cap_arg(p)
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the longtrain config (model.* matter)")
     return p
 
@@ -338,6 +339,7 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
+    cap = common.apply_gpu_cap(args.gpu_cap_gb, device)
 
     m, seq_len = load_model_config(args)
     common.maybe_simulate_oom(seq_len)
@@ -360,7 +362,7 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
         act_offload = "none"  # the ds manager offloads checkpoint inputs only
     rec.update(config=args.config + (" (tiny)" if args.tiny else ""), seq_len=seq_len, world_size=world,
                sp=sp, dp=dp, batch_size=1, steps=args.steps, warmup=args.warmup,
-               alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+               alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), **cap,
                recipe={"ulysses": sp > 1, "tiled_mlp": not args.no_tiled_mlp, "tiled_loss": not args.no_tiled_loss,
                        "zero_stage": 3, "offload_optimizer": "cpu (DeepSpeedCPUAdam)",
                        "offload_param": "cpu" if offload_param else "none",

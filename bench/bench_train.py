@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc-masking", action="store_true",
                    help="packed documents with block-diagonal attention (default off: plain causal "
                         "attention over the whole sequence, as the ALST baseline computes)")
+    common.add_gpu_cap_arg(p)
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides (applied last)")
     return p
 
@@ -109,6 +110,8 @@ def build_overrides(args) -> list[str]:
         ov += ["schedule.dtype=fp32", "parallel.backend=gloo"]
     total = args.warmup + args.steps + (0 if args.no_profile else 1)
     ov += [f"schedule.steps={max(total, 1)}", "schedule.warmup_steps=0"]
+    if args.gpu_cap_gb:  # the planner plans for the capped card (an explicit budget still wins)
+        ov.append(f"memory.gpu_budget_gb={args.gpu_cap_gb:g}")
     return ov + list(args.overrides)
 
 
@@ -251,6 +254,10 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
                overrides=build_overrides(args))
     common.log(f"config {args.config}: seq_len={cfg.data.seq_len} sp={cfg.parallel.sp} "
                f"policy={cfg.memory.policy} world={world}; setting up", rank)
+    if args.gpu_cap_gb:  # before the first CUDA allocation
+        on_gpu = cfg.schedule.device != "cpu" and torch.cuda.is_available()
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
+        rec.update(common.apply_gpu_cap(args.gpu_cap_gb, local))
     t0 = time.perf_counter()
     cfg, dims, model, optimizer, scheduler, loader, _ = setup(cfg)
     setup_s = time.perf_counter() - t0

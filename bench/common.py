@@ -6,6 +6,9 @@ Owns:
   run killed at its time limit still leaves what it had measured (``status`` says how far it got);
 - ``host_memory``: this process's peak and current resident set (``/proc``; psutil if present);
 - ``gpu_memory``: peak allocated / reserved bytes and allocator retries (``torch.cuda``);
+- ``apply_gpu_cap``: ``--gpu-cap-gb``, a smaller card made of the one at hand (the caching
+  allocator's per-process fraction), so both systems' longest-sequence searches run at lengths
+  whose steps take seconds, not the tens of minutes a full H200 needs near its limit;
 - ``profile_step``: one step under ``torch.profiler``, its GPU kernels summed by category --
   attention kernels, NCCL kernels (communication), device<->host copies (offload) -- as time and
   as a share of the step, both summed per kernel and as the union of intervals (streams overlap,
@@ -169,6 +172,27 @@ def gpu_memory(device) -> dict:
     return {"peak_gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
             "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
             "alloc_retries": int(stats.get("num_alloc_retries", 0))}
+
+
+def add_gpu_cap_arg(parser) -> None:
+    parser.add_argument("--gpu-cap-gb", type=float, default=0.0,
+                        help="let this process allocate at most this many GiB of GPU memory "
+                             "(torch.cuda.set_per_process_memory_fraction); 0 = the whole card")
+
+
+def apply_gpu_cap(cap_gb: float, device) -> dict:
+    """Cap the caching allocator of ``device`` at ``cap_gb`` GiB; the record's fields for it."""
+    if not cap_gb:
+        return {}
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
+        raise SystemExit(f"--gpu-cap-gb {cap_gb:g}: needs a CUDA device (this run is on {device}); drop the flag")
+    total = torch.cuda.get_device_properties(device).total_memory
+    if not 0 < cap_gb * 2**30 < total:
+        raise SystemExit(f"--gpu-cap-gb {cap_gb:g}: give a size between 0 and the device's {total / 2**30:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(cap_gb * 2**30 / total, device)
+    return {"gpu_cap_gib": cap_gb, "gpu_total_gib": total / 2**30}
 
 
 def reset_gpu_peak(device) -> None:

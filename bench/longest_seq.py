@@ -113,6 +113,10 @@ def planner_start(args) -> tuple:
     overrides = [f"parallel.sp={sp}", f"memory.policy={args.policy}", "data.source=synthetic",
                  "data.batch_size=1", "model.max_seq_len=2147483647"]
     overrides += [a for a in _passthrough(args) if "=" in a and not a.startswith("-")]
+    extra = _passthrough(args)
+    cap = extra[extra.index("--gpu-cap-gb") + 1] if "--gpu-cap-gb" in extra[:-1] else None
+    if cap is not None and not any(o.startswith("memory.gpu_budget_gb=") for o in overrides):
+        overrides.append(f"memory.gpu_budget_gb={cap}")  # as bench_train.py does with the cap
     if not any(o.startswith("memory.gpu_budget_gb=") for o in overrides):
         gib = _gpu_total_gib()
         if gib:

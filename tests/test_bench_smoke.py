@@ -3,7 +3,7 @@
 GPU numbers cannot be checked here; what is checked: bench_train.py builds a job through the
 normal config/setup path, runs timed steps and writes every schema key with sane values; the
 profile summary sums kernels by category correctly (a synthetic trace); the longest-sequence
-search converges on the boundary. The ALST baseline needs DeepSpeed and is skipped unless
+search converges on the boundary; ``--gpu-cap-gb`` plans for the capped card and refuses a CPU run. The ALST baseline needs DeepSpeed and is skipped unless
 LONGTRAIN_ALST_SMOKE=1 (it JIT-builds DeepSpeedCPUAdam, which takes minutes the first time).
 """
 
@@ -67,6 +67,22 @@ def test_bench_train_records_oom_and_exits_3(tmp_path):
     assert proc.returncode == 3, proc.stderr[-2000:]
     rec = json.loads(out.read_text())
     assert rec["status"] == "OOM" and rec["failed_rank"] == 0
+
+
+def test_gpu_cap_sets_the_planner_budget_and_refuses_a_cpu_run(tmp_path):
+    import bench_train
+
+    args = bench_train.build_parser().parse_args(["--tiny", "--device", "cpu", "--gpu-cap-gb", "40"])
+    assert "memory.gpu_budget_gb=40" in bench_train.build_overrides(args)
+    args = bench_train.build_parser().parse_args(["--gpu-cap-gb", "40", "memory.gpu_budget_gb=30"])
+    ov = bench_train.build_overrides(args)
+    assert ov.index("memory.gpu_budget_gb=30") > ov.index("memory.gpu_budget_gb=40")  # the user's wins
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--config", "llama3.2-1b", "--device", "cpu",
+           "--tiny", "--steps", "1", "--warmup", "0", "--gpu-cap-gb", "40", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "--gpu-cap-gb 40: needs a CUDA device" in proc.stderr, proc.stderr[-2000:]
+    assert json.loads(out.read_text())["status"] == "error"
 
 
 def test_profile_summary_sums_categories_and_exposed_communication(tmp_path):
