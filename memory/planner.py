@@ -96,6 +96,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -219,7 +220,13 @@ class Policy:
 
 
 def policy_of(mem) -> Policy:
-    """The policy a manual ``MemoryConfig`` describes (per-group overrides are not modelled)."""
+    """The policy a manual ``MemoryConfig`` describes (per-group overrides are not modelled: a
+    warning says so when ``recompute_layers`` is set)."""
+    if mem.recompute_layers:
+        warnings.warn(f"memory.recompute_layers={list(mem.recompute_layers)} is not modelled by the memory "
+                      f"planner: its estimate treats every block as memory.recompute={mem.recompute}. For an "
+                      f"upper bound, plan with memory.recompute set to the mode among them that keeps the "
+                      f"most (none, then selective, then full).", stacklevel=2)
     return Policy(mem.recompute, mem.recompute_loops, mem.offload_fraction if mem.offload else 0.0,
                   mem.tiled_mlp, mem.tiled_loss, mem.optimizer_offload, mem.fsdp_cpu_offload,
                   mem.selective_save)

@@ -226,3 +226,14 @@ def test_longest_seq_len_fits_and_one_unit_more_does_not(capsys):
     assert f"longest data.seq_len that fits (planner estimate, batch 1): {n} tokens" in capsys.readouterr().out
     tiny_budget = load_config("llama3.2-1b", over + ["memory.gpu_budget_gb=2"])
     assert planner.longest_seq_len(tiny_budget, 2) == (0, None)
+
+
+def test_per_group_recompute_is_not_modelled_and_says_so():
+    cfg = load_config("llama3.2-1b", ["memory.recompute=full", 'memory.recompute_layers=["0-7:selective"]'])
+    with pytest.warns(UserWarning, match=r"recompute_layers=\['0-7:selective'\] is not modelled"):
+        pol = planner.policy_of(cfg.memory)
+    assert pol.recompute == "full"
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no per-group overrides: no warning
+        planner.policy_of(load_config("llama3.2-1b", ["memory.recompute=full"]).memory)
