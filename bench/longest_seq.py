@@ -102,7 +102,8 @@ def planner_start(args) -> tuple:
     """(tokens or None, how it was obtained): the longest length the planner finds a policy for."""
     if args.alst or args.no_planner or args.start is not None:
         return None, "not asked (--alst, --no-planner or --start)"
-    if "--tiny" in _passthrough(args):
+    extra = _passthrough(args)
+    if "--tiny" in extra:
         return None, "not used with --tiny (the planner would see the full shape)"
     try:
         from longtrain.config import load_config
@@ -112,13 +113,11 @@ def planner_start(args) -> tuple:
     sp = args.sp or args.nproc
     overrides = [f"parallel.sp={sp}", f"memory.policy={args.policy}", "data.source=synthetic",
                  "data.batch_size=1", "model.max_seq_len=2147483647"]
-    overrides += [a for a in _passthrough(args) if "=" in a and not a.startswith("-")]
-    extra = _passthrough(args)
-    cap = extra[extra.index("--gpu-cap-gb") + 1] if "--gpu-cap-gb" in extra[:-1] else None
-    if cap is not None and not any(o.startswith("memory.gpu_budget_gb=") for o in overrides):
-        overrides.append(f"memory.gpu_budget_gb={cap}")  # as bench_train.py does with the cap
+    overrides += [a for a in extra if "=" in a and not a.startswith("-")]
     if not any(o.startswith("memory.gpu_budget_gb=") for o in overrides):
-        gib = _gpu_total_gib()
+        # the capped card the trials get (--gpu-cap-gb, as bench_train.py plans), else the first GPU
+        cap = extra[extra.index("--gpu-cap-gb") + 1] if "--gpu-cap-gb" in extra[:-1] else None
+        gib = float(cap) if cap is not None else _gpu_total_gib()
         if gib:
             overrides.append(f"memory.gpu_budget_gb={gib:.2f}")
     try:

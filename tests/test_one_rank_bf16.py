@@ -84,13 +84,17 @@ def _train(tmp_path, name, *extra, nproc=1, steps=2):
     return rows, r.stdout + r.stderr
 
 
+def rel(a, b, key: str) -> float:
+    """Relative difference of the first-step ``key`` of two runs' metric rows."""
+    return abs(a[0][key] - b[0][key]) / abs(b[0][key])
+
+
 def test_one_process_matches_two_fsdp_ranks_in_bf16_and_differs_from_fp32_weights(tmp_path):
     one, log = _train(tmp_path, "one")
     assert "FSDP2 on one rank" in log
     many, _ = _train(tmp_path, "many", "data.batch_size=1", nproc=2)
     plain, log32 = _train(tmp_path, "fp32", "parallel.param_dtype=fp32")
     assert "FSDP2 on one rank" not in log32
-    rel = lambda a, b, k: abs(a[0][k] - b[0][k]) / abs(b[0][k])
     assert rel(one, many, "loss") < 1e-5, (one[0], many[0])
     assert rel(one, many, "grad_norm") < 2e-4, (one[0], many[0])
     assert rel(plain, many, "loss") > 5e-5 and rel(plain, one, "loss") > 5e-5, (plain[0], one[0])
@@ -122,7 +126,6 @@ def test_pipeline_alone_in_bf16_matches_one_process_and_differs_from_fp32_weight
     assert "FSDP2 on one rank" in log
     staged32, log32 = _train(tmp_path, "pp2_fp32", *pp, "parallel.param_dtype=fp32", nproc=2)
     assert "FSDP2 on one rank" not in log32
-    rel = lambda a, b, k: abs(a[0][k] - b[0][k]) / abs(b[0][k])
     assert rel(staged, one, "loss") < 1e-5 and rel(staged, one, "grad_norm") < 2e-4, (staged[0], one[0])
     assert rel(staged32, one, "loss") > 5e-5, (staged32[0], one[0])
 
