@@ -5,7 +5,8 @@
 #   bash bench/suite_longest_capped.sh [CAP=24] [WHAT="ours alst"]   WHAT from: ours alst looped plain20
 # Logs under $OUT (or runs/bench); run it in the background (setsid nohup ... &) and poll with
 #   python3 bench/common.py $OUT/longest_*_cap$CAP.json
-# ALST needs DeepSpeed on the path (the carried wheels, bench/README.md).
+# ALST needs DeepSpeed on the path (the carried wheels, bench/README.md). BUDGET_S (600) bounds each
+# search, TRIAL_S (300) each trial; raise TRIAL_S when two suites share the GPU.
 set -uo pipefail
 cap=${1:-24}; what=${2:-"ours alst"}
 out=${OUT:-runs/bench}; mkdir -p "$out"
@@ -13,7 +14,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 search() {
   name=$1; shift
   python3 bench/longest_seq.py --nproc 1 --rel-tol 0.05 --time-budget-s "${BUDGET_S:-600}" \
-      --trial-timeout-s 300 --log "$out/longest_${name}_cap$cap.json" "$@" > "$out/longest_${name}_cap$cap.out" 2>&1
+      --trial-timeout-s "${TRIAL_S:-300}" --log "$out/longest_${name}_cap$cap.json" "$@" > "$out/longest_${name}_cap$cap.out" 2>&1
   echo "== $name (rc $?)"; python3 bench/common.py "$out/longest_${name}_cap$cap.json" | tail -4
 }
 for w in $what; do

@@ -378,7 +378,7 @@ def estimate(cfg: Config, lay: Layout, pol: Policy) -> Estimate:
     a = act_bytes(cfg)
     r = residual_bytes(cfg, lay, a)
     wb = weight_bytes(cfg, lay, a)
-    fsdp_on = uses_fsdp(lay, cfg, a)
+    fsdp_on = uses_fsdp(lay, cfg, a) or pol.fsdp_cpu_offload  # it asks for one-rank FSDP too
     cast_w = a == 2 and wb == 4  # autocast makes bf16 copies of fp32 weights
     T = cfg.data.batch_size * cfg.data.seq_len / lay.sp
     w = _widths(m, lay)
@@ -410,7 +410,8 @@ def estimate(cfg: Config, lay: Layout, pol: Policy) -> Estimate:
     # that one is the root's unsharded gradient in param_dtype, reduced when the root's backward
     # ends; the blocks' sharded fp32 gradients grow as their activations are freed. With gradient
     # accumulation every micro-batch after the first finds all gradients in place.
-    head_grad = 0.0 if pol.fsdp_cpu_offload else (wb if fsdp_on else 4) * head_w
+    # (the root's unsharded gradient is on the GPU under FSDP CPU offload too, until it is reduced)
+    head_grad = (wb if fsdp_on else 4) * head_w
     accum = cfg.schedule.grad_accum > 1
     # saved activations
     nb = _blocks_per_rank(m, lay)
@@ -492,6 +493,9 @@ def estimate(cfg: Config, lay: Layout, pol: Policy) -> Estimate:
         comm["tp all-gather"] = 2 * a * T * d
     if fsdp_on:  # current + prefetched block, its unsharded gradients and their fp32 reduce-scatter copy
         red = 4 * blk if cfg.parallel.reduce_dtype == "fp32" and wb != 4 else 0
+        # under CPU offload a block's fp32 shard is copied in before its gather and its reduced
+        # fp32 gradient waits on the GPU for its copy out
+        red += 8 * blk if pol.fsdp_cpu_offload else 0
         comm["fsdp block gathers"] = 2 * wb * blk + wb * blk + red
     # ---- the phases --------------------------------------------------------------------------
     g_acc = grads_full if accum else 0.0
@@ -547,7 +551,7 @@ SHOWN_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)  # rows `longtrain plan` prints (p
 
 def candidate_policies(cfg: Config, lay: Layout) -> list[Policy]:
     """Cheapest first: least recompute, then least offload, then tiled MLP (with each offload
-    fraction), then optimizer offload. Offload fractions go in steps of 1/``OFFLOAD_STEPS``.
+    fraction), then optimizer offload, then FSDP CPU offload (parameters and gradients too). Offload fractions go in steps of 1/``OFFLOAD_STEPS``.
 
     The tiled loss joins from the second rung on: it recomputes only the output projection (one
     [T, dim] x [dim, vocab] product), less than any block recompute, and removes the largest
@@ -567,6 +571,10 @@ def candidate_policies(cfg: Config, lay: Layout) -> list[Policy]:
     tiled = dataclasses.replace(base, tiled_mlp=mlp)
     ladder += [dataclasses.replace(tiled, offload_fraction=phi) for phi in (0.0,) + fractions]
     ladder += [dataclasses.replace(tiled, offload_fraction=phi, optimizer_offload=True) for phi in fractions]
+    # last, FSDP2's CPU offload: parameters and gradients go to the host as well (16 bytes a
+    # parameter off the GPU, against 12 for optimizer offload), paid for by a host-to-device copy
+    # of every unit's weights at each gather and torch's CPU AdamW
+    ladder += [dataclasses.replace(tiled, offload_fraction=phi, fsdp_cpu_offload=True) for phi in fractions]
     return ladder
 
 

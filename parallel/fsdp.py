@@ -24,6 +24,11 @@ policy, and the gradient reduction that makes the result exactly the single-proc
   ``parallel.param_dtype=fp32`` turns it off. One process gets its one-rank group from
   ``parallel.mesh.init_distributed``; with tp or pp the mesh is the size-1 ``dp_shard_sp`` view
   (composed with the tp placements like any FSDP2 x TP mesh; each pipeline stage is wrapped).
+- ``memory.fsdp_cpu_offload``: every unit gets FSDP2's ``CPUOffloadPolicy`` (sharded fp32
+  parameters and their gradients live in pinned host memory, copied to the GPU for each unit's
+  gather; the optimizer steps on the host, ``memory.optimizer_offload``'s ``build_optimizer``). It
+  asks for the one-rank wrapping too, so one process can drop its static GPU memory (16 bytes a
+  parameter) as a ZeRO-3 run with ``offload_param`` does.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from longtrain.memory.optimizer_offload import fsdp_offload_policy
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -61,7 +68,19 @@ def wants_one_rank_fsdp(cfg, dims, device_type: str) -> bool:
     stream (every saved or offloaded layer input) fp32: twice the activation bytes.
     """
     no_peers = dims.dp_replicate * dims.dp_shard * dims.sp == 1
-    return no_peers and param_dtype_name(cfg, device_type) == "bf16"
+    return no_peers and (param_dtype_name(cfg, device_type) == "bf16" or cfg.memory.fsdp_cpu_offload)
+
+
+def one_rank_note(cfg, device_type: str) -> str:
+    """What the one-rank wrapping is for, as the mesh line at start-up says it."""
+    if param_dtype_name(cfg, device_type) == "bf16":
+        note = ("bf16 weights and residual stream over fp32 master weights (FSDP2 on one rank; "
+                "parallel.param_dtype=fp32 turns it off)")
+    else:
+        note = "FSDP2 on one rank, fp32 weights"
+    if cfg.memory.fsdp_cpu_offload:
+        note += "; parameters, gradients and optimizer state in host memory (memory.fsdp_cpu_offload)"
+    return note
 
 
 def fsdp_mesh(dims):
@@ -99,11 +118,13 @@ def apply_fsdp(model: nn.Module, dims, cfg) -> nn.Module:
     if not uses_fsdp(dims):
         return model
     mesh = fsdp_mesh(dims)
-    mp = mixed_precision(cfg, dims.device)
+    kw = {"mesh": mesh, "mp_policy": mixed_precision(cfg, dims.device)}
+    if (offload := fsdp_offload_policy(cfg)) is not None:
+        kw["offload_policy"] = offload
     for module, reshard in _units(model):
-        fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(module, reshard_after_forward=reshard, **kw)
     # the root's parameters (embedding, head) are needed again first thing in backward
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, reshard_after_forward=False, **kw)
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from longtrain.config import ConfigError
-from longtrain.parallel.fsdp import wants_one_rank_fsdp
+from longtrain.parallel.fsdp import one_rank_note, wants_one_rank_fsdp
 from longtrain.parallel.watchdog import CollectiveWatchdog, default_store
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "sp", "tp")
@@ -232,8 +232,7 @@ class ParallelDims:
     def describe(self) -> str:
         return (f"mesh: pp={self.pp} dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} "
                 f"sp={self.sp} tp={self.tp} (world {self.world_size})"
-                + ("; bf16 weights and residual stream over fp32 master weights (FSDP2 on one rank; "
-                   "parallel.param_dtype=fp32 turns it off)" if self.one_rank_fsdp else ""))
+                + (f"; {getattr(self, 'one_rank_note', 'FSDP2 on one rank')}" if self.one_rank_fsdp else ""))
 
 
 def _env_int(name: str, default: int) -> int:
@@ -292,6 +291,7 @@ def init_distributed(cfg) -> ParallelDims:
                                         device_id=device if device.type == "cuda" else None)
             dims.build_mesh(device.type)
             dims.one_rank_fsdp = True
+            dims.one_rank_note = one_rank_note(cfg, device.type)
         return dims
     if not dist.is_initialized():
         for var in ("MASTER_ADDR", "MASTER_PORT"):
@@ -304,6 +304,7 @@ def init_distributed(cfg) -> ParallelDims:
     dims.build_mesh(device.type)
     # tensor or pipeline parallelism alone: FSDP2 over the one-rank dp_shard_sp mesh for bf16
     dims.one_rank_fsdp = wants_one_rank_fsdp(cfg, dims, device.type)
+    dims.one_rank_note = one_rank_note(cfg, device.type)
     _set_training_timeout(dims, cfg.parallel.timeout_s)
     wd_interval = min(5.0, max(0.2, cfg.parallel.timeout_s / 20))
     dims.watchdog = CollectiveWatchdog(rank, world_size, cfg.parallel.timeout_s,
