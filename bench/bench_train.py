@@ -71,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="llama3.2-1b", help="shipped config name or YAML path")
     p.add_argument("--seq-len", type=parse_seq_len, default=None, help="tokens per sequence (global, before sp)")
     p.add_argument("--sp", type=int, default=None, help="Ulysses sequence-parallel size (parallel.sp)")
-    p.add_argument("--policy", choices=["auto", "manual"], default=None,
+    p.add_argument("--policy", choices=["auto", "manual", "leanest"], default=None,
                    help="memory.policy: auto = the planner picks recompute/offload/tiling; manual = "
-                        "the memory.* keys given as overrides")
+                        "the memory.* keys given as overrides; leanest = the last rung of the planner's "
+                        "ladder whatever it estimates (a real trial past the planner's reach; it replaces "
+                        "the policy's memory.* keys)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per data-parallel rank (data.batch_size)")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -101,7 +103,7 @@ def build_overrides(args) -> list[str]:
     if args.sp is not None:
         ov.append(f"parallel.sp={args.sp}")
     if args.policy is not None:
-        ov.append(f"memory.policy={args.policy}")
+        ov.append(f"memory.policy={'manual' if args.policy == 'leanest' else args.policy}")
     if args.batch_size is not None:
         ov.append(f"data.batch_size={args.batch_size}")
     if args.device != "auto":
@@ -128,7 +130,13 @@ def load_bench_config(args):
             seq = int(o.split("=", 1)[1])
     if seq > probe.model.max_seq_len:
         ov.insert(0, f"model.max_seq_len={seq}")
-    return load_config(args.config, ov)
+    cfg = load_config(args.config, ov)
+    if args.policy == "leanest":
+        from longtrain.memory.planner import candidate_policies, layout_from
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        candidate_policies(cfg, layout_from(cfg, world))[-1].apply_to(cfg.memory)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------

@@ -524,7 +524,8 @@ def print_search(d: dict) -> None:
         extra = f"peak GPU {t['peak_gpu_mem_gib']:.1f} GiB, " if t.get("peak_gpu_mem_gib") else ""
         step = f"step {t['step_time_s_median']:.1f} s, " if t.get("step_time_s_median") else ""
         err = f" {str(t.get('error'))[:120]}" if t.get("outcome") != "ok" and t.get("error") else ""
-        print(f"    {t['seq_len']:>10}  {t['outcome']:8s} {extra}{step}wall {t['wall_s']:.0f} s{err}", flush=True)
+        forced = " [planner refused; leanest policy forced]" if t.get("policy_forced") else ""
+        print(f"    {t['seq_len']:>10}  {t['outcome']:8s} {extra}{step}wall {t['wall_s']:.0f} s{forced}{err}", flush=True)
 
 
 if __name__ == "__main__":

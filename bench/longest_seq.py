@@ -7,7 +7,10 @@ Each trial is a fresh process (``torchrun`` for more than one GPU) of bench_trai
 alst_baseline.py with ``--alst``, at one sequence length: by default one warmup and one timed
 step (the second step is the one that runs with the optimizer state already allocated, so a
 single step would overstate what fits). A trial passes when it writes ``status: "ok"``; an OOM,
-an error or the per-trial timeout is a failure, recorded with its reason. A fresh process per
+an error or the per-trial timeout is a failure, recorded with its reason. A length longtrain's
+planner refuses (``no_fit``: no policy fits within its reserve) is run again with the planner's
+leanest policy forced (bench_train.py ``--policy leanest``; the record says ``policy_forced``), so
+the search ends on what the GPU does; ``--no-force-leanest`` keeps the refusal as the failure. A fresh process per
 trial means an OOM cannot poison the next trial's allocator.
 
 Search, in units of ``--unit`` tokens (default 16K; every length is a multiple of unit x sp):
@@ -66,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=parse_seq_len, default=None,
                    help="first length tried (default: the planner's estimate for longtrain, else 64K x nproc)")
     p.add_argument("--no-planner", action="store_true", help="ignore the planner's estimate")
+    p.add_argument("--no-force-leanest", action="store_true",
+                   help="keep a length the planner refuses as a failure (no_fit) instead of running it "
+                        "again with the planner's leanest policy forced (--policy leanest)")
     p.add_argument("--grow", type=float, default=0.0, help="growth factor while passing (0: 2, or 1.25 from a planner start)")
     p.add_argument("--max-seq", type=parse_seq_len, default=parse_seq_len("16M"))
     p.add_argument("--rel-tol", type=float, default=0.0, help="also stop when (fail - ok) <= rel_tol x ok")
@@ -179,7 +185,7 @@ def _passthrough(args) -> list:
 # --------------------------------------------------------------------------------------------
 
 
-def trial_command(args, seq: int, out: Path) -> list:
+def trial_command(args, seq: int, out: Path, policy: str | None = None) -> list:
     script = _BENCH / ("alst_baseline.py" if args.alst else "bench_train.py")
     sp = args.sp or args.nproc
     if args.nproc > 1:
@@ -189,7 +195,7 @@ def trial_command(args, seq: int, out: Path) -> list:
     cmd = launcher + [str(script), "--config", args.config, "--seq-len", str(seq), "--steps", str(args.steps),
                       "--warmup", str(args.warmup), "--no-profile", "--out", str(out), "--sp", str(sp)]
     if not args.alst:
-        cmd += ["--policy", args.policy]
+        cmd += ["--policy", policy or args.policy]
     extra = _passthrough(args)
     # flags (--x) go before the overrides; bare key=value overrides last
     flags = [a for a in extra if a.startswith("-") or "=" not in a]
@@ -198,11 +204,26 @@ def trial_command(args, seq: int, out: Path) -> list:
 
 
 def run_trial(args, seq: int, trial_dir: Path, timeout_s: float) -> dict:
-    tag = f"{'alst' if args.alst else 'longtrain'}_{args.config}_{args.nproc}gpu_{seq}"
+    """One trial; a length the planner refuses (``no_fit``) runs again with its leanest policy
+    forced, so the search ends on what the GPU does, not on the planner's reserve."""
+    t0 = time.time()
+    t = _run_one(args, seq, trial_dir, timeout_s)
+    if t["outcome"] == "no_fit" and args.policy == "auto" and not args.alst and not args.no_force_leanest:
+        left = timeout_s - (time.time() - t0)
+        forced = _run_one(args, seq, trial_dir, max(left, 1.0), policy="leanest")
+        forced["planner"] = "no_fit: " + (t.get("error") or "")[:300]
+        forced["policy_forced"] = "leanest"
+        forced["wall_s"] += t["wall_s"]
+        return forced
+    return t
+
+
+def _run_one(args, seq: int, trial_dir: Path, timeout_s: float, policy: str | None = None) -> dict:
+    tag = f"{'alst' if args.alst else 'longtrain'}_{args.config}_{args.nproc}gpu_{seq}" + (f"_{policy}" if policy else "")
     out = trial_dir / f"{tag}.json"
     if out.exists():
         out.unlink()
-    cmd = trial_command(args, seq, out)
+    cmd = trial_command(args, seq, out, policy)
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p)

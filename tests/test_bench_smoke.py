@@ -3,7 +3,8 @@
 GPU numbers cannot be checked here; what is checked: bench_train.py builds a job through the
 normal config/setup path, runs timed steps and writes every schema key with sane values; the
 profile summary sums kernels by category correctly (a synthetic trace); the longest-sequence
-search converges on the boundary; ``--gpu-cap-gb`` plans for the capped card and refuses a CPU run. The ALST baseline needs DeepSpeed and is skipped unless
+search converges on the boundary, and runs a length the planner refuses with its leanest policy
+forced (a real trial, here against a simulated OOM); ``--gpu-cap-gb`` plans for the capped card and refuses a CPU run. The ALST baseline needs DeepSpeed and is skipped unless
 LONGTRAIN_ALST_SMOKE=1 (it JIT-builds DeepSpeedCPUAdam, which takes minutes the first time).
 """
 
@@ -130,6 +131,28 @@ def test_search_halves_when_the_start_fails():
         s.record(seq, seq <= 300)
     assert tried[:4] == [4096, 2048, 1024, 512]
     assert s.lo == 256 and s.hi == 320
+
+
+def test_search_runs_what_the_planner_refuses_with_its_leanest_policy(tmp_path):
+    # tiny Llama on the CPU with a GPU budget the planner fills near 4-5K tokens; the "GPU" (a
+    # simulated OOM) holds 5120: the planner refuses 5120, the forced leanest trial passes it
+    env = _env()
+    env["BENCH_SIMULATE_OOM_ABOVE"] = "5120"
+    log = tmp_path / "l.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "longest_seq.py"), "--config", "tiny-llama", "--unit", "512",
+           "--max-trials", "6", "--trial-timeout-s", "120", "--log", str(log),
+           "--", "--device", "cpu", "data.batch_size=1", "memory.gpu_budget_gb=1.12"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    d = json.loads(log.read_text())
+    assert d["result"] == {"longest_ok": 5120, "shortest_fail": 5632}, d["trials"]
+    forced = [t for t in d["trials"] if t.get("policy_forced")]
+    assert [(t["seq_len"], t["outcome"]) for t in forced] == [(5120, "ok")]
+    assert forced[0]["planner"].startswith("no_fit: ConfigError: no memory policy fits")
+    mem = json.loads(Path(forced[0]["result_file"]).read_text())["resolved_memory"]
+    assert mem["fsdp_cpu_offload"] and mem["offload_fraction"] == 1.0 and mem["recompute"] == "full"
+    # the planner's own picks stay unforced
+    assert all(t["outcome"] in ("ok", "OOM") and not t.get("policy_forced") for t in d["trials"] if t["seq_len"] != 5120)
 
 
 @pytest.mark.skipif(not os.environ.get("LONGTRAIN_ALST_SMOKE"), reason="set LONGTRAIN_ALST_SMOKE=1 (needs deepspeed; JIT build)")
