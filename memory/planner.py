@@ -70,7 +70,8 @@ block's backward do not coexist. ``estimate`` evaluates four moments and takes t
     optimizer step ....... parameters, all gradients, optimizer state
 With gradient accumulation (schedule.grad_accum > 1) all gradients exist in every phase.
 Communication: FSDP2 keeps the root's unsharded weights (embedding, head) for the whole step
-(reshard_after_forward=False) and in backward holds the current and prefetched unsharded block,
+(reshard_after_forward=False), and a looped model's core (one unit for all its iterations) from
+its forward to its backward, and in backward holds the current and prefetched unsharded block,
 its unsharded gradients and their fp32 reduce-scatter input; without FSDP autocast's bf16 weight
 copies are the ``weight copies`` term; TP all-gathers 2·a·T·d.
 
@@ -454,6 +455,10 @@ def estimate(cfg: Config, lay: Layout, pol: Policy) -> Estimate:
         cache_w = 2 * (n_blocks_stage * blk + head_w)
     if fsdp_on:
         comm["fsdp unsharded root"] = wb * ends / lay.tp
+        if m.arch == "looped" and core_blocks:
+            # the looped core is one unit gathered for all its iterations (reshard_after_forward=False,
+            # parallel.fsdp): its n_core blocks stay unsharded from its forward to its backward
+            comm["fsdp unsharded root"] += wb * m.n_core * blk
     # ---- the loss: [c, V] logits, c = T or the tiled chunk ----------------------------------
     v_local = m.vocab_size / lay.tp
     c = min(T, pol.tiled_loss) if pol.tiled_loss else T
@@ -561,20 +566,31 @@ def candidate_policies(cfg: Config, lay: Layout) -> list[Policy]:
     mlp, loss = tiling_sizes(cfg, lay)
     ladder = [Policy("none"), Policy("none", tiled_loss=loss), Policy("selective", tiled_loss=loss),
               Policy("full", tiled_loss=loss)]
-    base = Policy("full", recompute_loops=looped, tiled_loss=loss)
-    if looped:
-        ladder.append(base)
     fractions = tuple(round(k / OFFLOAD_STEPS, 4) for k in range(1, OFFLOAD_STEPS + 1))
-    ladder += [dataclasses.replace(base, offload_fraction=phi) for phi in fractions]
+    full = Policy("full", tiled_loss=loss)
+
+    def offload_rungs(base: Policy, zero_for: tuple = ()) -> list:
+        # ``base`` with each offload fraction (and none, for the recompute_loops values in
+        # ``zero_for``). A looped model tries each group twice: every core block's input saved
+        # (cheaper: each block is recomputed once; the host takes what offload moves), then
+        # recompute_loops (one input per iteration: less to keep or move, a second recompute)
+        out = []
+        for loops in ((False, True) if looped else (False,)):
+            b = dataclasses.replace(base, recompute_loops=loops)
+            out += [dataclasses.replace(b, offload_fraction=phi)
+                    for phi in ((0.0,) if loops in zero_for else ()) + fractions]
+        return out
+
+    ladder += offload_rungs(full, zero_for=(True,))  # plain full recompute is the rung above
     # tiled MLP recomputes each chunk's intermediate once more, so it comes after every offload
     # rung; with it, a partial offload often fits where the host cannot take every layer input
-    tiled = dataclasses.replace(base, tiled_mlp=mlp)
-    ladder += [dataclasses.replace(tiled, offload_fraction=phi) for phi in (0.0,) + fractions]
-    ladder += [dataclasses.replace(tiled, offload_fraction=phi, optimizer_offload=True) for phi in fractions]
+    tiled = dataclasses.replace(full, tiled_mlp=mlp)
+    ladder += offload_rungs(tiled, zero_for=(False, True))
+    ladder += offload_rungs(dataclasses.replace(tiled, optimizer_offload=True))
     # last, FSDP2's CPU offload: parameters and gradients go to the host as well (16 bytes a
     # parameter off the GPU, against 12 for optimizer offload), paid for by a host-to-device copy
     # of every unit's weights at each gather and torch's CPU AdamW
-    ladder += [dataclasses.replace(tiled, offload_fraction=phi, fsdp_cpu_offload=True) for phi in fractions]
+    ladder += offload_rungs(dataclasses.replace(tiled, fsdp_cpu_offload=True))
     return ladder
 
 
