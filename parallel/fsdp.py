@@ -26,8 +26,8 @@ policy, and the gradient reduction that makes the result exactly the single-proc
   (composed with the tp placements like any FSDP2 x TP mesh; each pipeline stage is wrapped).
 - ``memory.fsdp_cpu_offload``: every unit gets FSDP2's ``CPUOffloadPolicy`` (sharded fp32
   parameters and their gradients live in pinned host memory, copied to the GPU for each unit's
-  gather; the optimizer steps on the host, ``memory.optimizer_offload``'s ``build_optimizer``). It
-  asks for the one-rank wrapping too, so one process can drop its static GPU memory (16 bytes a
+  gather; the optimizer steps on the host, ``longtrain.memory.optimizer_offload.build_optimizer``).
+  It asks for the one-rank wrapping too, so one process can drop its static GPU memory (16 bytes a
   parameter) as a ZeRO-3 run with ``offload_param`` does.
 """
 

@@ -21,8 +21,8 @@ Three flattened views serve the callers:
 Every size is kept in the mesh (size-1 dimensions included), so ``get_group("sp")`` always works
 and a rank or size is computed in exactly one place. One ``ParallelDims`` object is passed
 explicitly to whoever needs it; there is no global state. World size 1 is the special case with
-no process group and no mesh, except in bf16, where FSDP2's mixed precision needs a one-rank group
-and mesh (``one_rank_fsdp``); the process still counts as world size 1. Tensor or pipeline
+no process group and no mesh, except in bf16 or with ``memory.fsdp_cpu_offload``, where FSDP2
+(its mixed precision, its CPU offload) needs a one-rank group and mesh (``one_rank_fsdp``); the process still counts as world size 1. Tensor or pipeline
 parallelism with no data-parallel peers is wrapped the same way, over the one-rank ``dp_shard_sp``
 mesh.
 """
@@ -73,9 +73,11 @@ class ParallelDims:
     flat_meshes: dict = field(default_factory=dict, repr=False)
     # names the stuck rank and operation when a collective hangs (parallel.watchdog); None in one process
     watchdog: Optional["CollectiveWatchdog"] = field(default=None, repr=False, compare=False)
-    # no data-parallel peers, wrapped in FSDP2 over a one-rank mesh for bf16 mixed precision
-    # (parallel.fsdp); for one process this also means a one-rank process group exists
+    # no data-parallel peers, wrapped in FSDP2 over a one-rank mesh for bf16 mixed precision or
+    # memory.fsdp_cpu_offload (parallel.fsdp); for one process this also means a one-rank process
+    # group exists. ``one_rank_note`` says which, on the start-up mesh line.
     one_rank_fsdp: bool = False
+    one_rank_note: str = "FSDP2 on one rank"
 
     # ---------------------------------------------------------------- construction and checks
 
@@ -232,7 +234,7 @@ class ParallelDims:
     def describe(self) -> str:
         return (f"mesh: pp={self.pp} dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} "
                 f"sp={self.sp} tp={self.tp} (world {self.world_size})"
-                + (f"; {getattr(self, 'one_rank_note', 'FSDP2 on one rank')}" if self.one_rank_fsdp else ""))
+                + (f"; {self.one_rank_note}" if self.one_rank_fsdp else ""))
 
 
 def _env_int(name: str, default: int) -> int:
