@@ -8,8 +8,8 @@ parameters and gradients stayed on the GPU. Checked on CPU with gloo (tiny Llama
 - one process in fp32 trains to the same losses and gradient norms as without it over three steps
   (relative 1e-6 and 1e-5; seen: losses equal, gradient norms 6e-8 apart -- its optimizer is
   torch's fused CPU AdamW instead of the foreach one);
-- two FSDP ranks with it give the one-process losses (relative 1e-5) and a checkpoint written
-  with it resumes bit-exactly;
+- two FSDP ranks with it give the one-process losses (relative 1e-5); a checkpoint written with it
+  resumes bit-exactly, and on two FSDP ranks without it continues with the same losses (1e-5);
 - the planner puts it last (leaner than optimizer offload: parameters and gradients go to the
   host too) and picks it where nothing else fits.
 """
@@ -87,14 +87,19 @@ def test_one_process_trains_as_without_it_and_two_ranks_match(tmp_path):
         assert abs(a["loss"] - b["loss"]) / b["loss"] < 1e-5, (a, b)
 
 
-def test_a_checkpoint_written_with_it_resumes_bit_exactly(tmp_path):
+def test_a_checkpoint_written_with_it_resumes_bit_exactly_and_loads_without_it(tmp_path):
     ck = tmp_path / "ck"
     opts = ["memory.fsdp_cpu_offload=true", f"checkpoint.dir={ck}", "checkpoint.every_steps=2"]
     full, _ = _train(tmp_path, "full", *opts, steps=4)
     shutil.rmtree(ck / "step-4")
-    resumed, log = _train(tmp_path, "resumed", *opts, steps=4)
+    resumed, log = _train(tmp_path, "resumed", *opts[:2], "checkpoint.every_steps=0", steps=4)
     assert "step-2" in log
     assert [r["loss"] for r in resumed if r["step"] > 2] == [r["loss"] for r in full if r["step"] > 2]
+    # the same checkpoint on another layout, without the offload: two FSDP ranks
+    two, log = _train(tmp_path, "two", f"checkpoint.dir={ck}", "checkpoint.every_steps=0", nproc=2, steps=4)
+    assert "step-2" in log
+    later = [(a, b) for a, b in zip([r for r in two if r["step"] > 2], [r for r in full if r["step"] > 2])]
+    assert len(later) == 2 and all(abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"] for a, b in later), later
 
 
 def test_the_planner_puts_it_last_and_picks_it_where_nothing_else_fits():
