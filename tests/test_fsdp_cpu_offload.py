@@ -16,17 +16,13 @@ parameters and gradients stayed on the GPU. Checked on CPU with gloo (tiny Llama
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 
 from dist_utils import run_distributed
-from test_launch_common import worker_env
+from test_launch_common import train_worker
+from test_one_rank_bf16 import TINY as BF16_TINY
 
-TINY = ["tiny-llama", "model.n_heads=4", "model.n_kv_heads=2", "data.seq_len=128", "data.batch_size=2",
-        "schedule.warmup_steps=1", "schedule.device=cpu", "schedule.eval_every=0",
-        "logging.progress=false", "logging.log_every=1", "checkpoint.save_final=false"]
+TINY = [a for a in BF16_TINY if a != "schedule.dtype=bf16"]  # the bf16 tests' tiny run, in fp32
 
 
 def _offload_policies(*extra: str):
@@ -57,17 +53,8 @@ def test_every_fsdp_unit_gets_the_cpu_offload_policy():
 
 
 def _train(tmp_path, name, *extra, nproc=1, steps=3):
-    out = tmp_path / name
-    args = [*TINY, f"schedule.steps={steps}", f"logging.run_dir={out}", *extra]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "longtrain.launch.worker", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "longtrain.launch.worker", *args, "parallel.dp_shard=-1", "data.batch_size=1"]
-    r = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
-    return rows, r.stdout + r.stderr
+    two = ["data.batch_size=1"] if nproc > 1 else []  # the same global batch on two ranks
+    return train_worker(tmp_path / name, *TINY, f"schedule.steps={steps}", *extra, *two, nproc=nproc)
 
 
 def _losses(rows):

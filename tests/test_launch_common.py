@@ -40,6 +40,24 @@ def worker_env() -> dict:
     return env
 
 
+def train_worker(run_dir: Path, *args: str, nproc: int = 1) -> tuple[list[dict], str]:
+    """Train with ``longtrain.launch.worker`` into ``run_dir``: one process, or ``nproc`` under
+    torchrun sharing the data-parallel dimension (``parallel.dp_shard=-1``). Returns the metric
+    rows that carry a loss, and the run's output."""
+    import json
+
+    args = [*args, f"logging.run_dir={run_dir}"]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "longtrain.launch.worker", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "longtrain.launch.worker", *args, "parallel.dp_shard=-1"]
+    r = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"loss"' in line]
+    return rows, r.stdout + r.stderr
+
+
 def longtrain_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "longtrain.cli", *args]
 

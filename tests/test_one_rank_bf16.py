@@ -22,15 +22,11 @@ Checked on CPU with gloo:
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from dist_utils import run_distributed
-from test_launch_common import worker_env
+from test_launch_common import train_worker
 
 TINY = ["tiny-llama", "model.n_heads=4", "model.n_kv_heads=2", "data.seq_len=128", "data.batch_size=2",
         "schedule.warmup_steps=1", "schedule.device=cpu", "schedule.dtype=bf16", "schedule.eval_every=0",
@@ -70,18 +66,7 @@ def test_one_process_in_bf16_is_fsdp_on_one_rank_with_a_bf16_stream():
 
 
 def _train(tmp_path, name, *extra, nproc=1, steps=2):
-    out = tmp_path / name
-    env = worker_env()
-    args = [*TINY, f"schedule.steps={steps}", f"logging.run_dir={out}", *extra]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "longtrain.launch.worker", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "longtrain.launch.worker", *args, "parallel.dp_shard=-1"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
-    return rows, r.stdout + r.stderr
+    return train_worker(tmp_path / name, *TINY, f"schedule.steps={steps}", *extra, nproc=nproc)
 
 
 def rel(a, b, key: str) -> float:
