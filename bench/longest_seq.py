@@ -52,7 +52,7 @@ for p in (str(_ROOT), str(_BENCH)):
         sys.path.insert(0, p)
 
 import common  # noqa: E402
-from bench_train import parse_seq_len  # noqa: E402
+from bench_train import build_parser as trial_parser, parse_seq_len  # noqa: E402
 
 _MAX_SEQ_NAMES = ("max_seq_len", "longest_seq_len", "max_sequence_length", "find_max_seq_len", "max_seq")
 
@@ -121,9 +121,10 @@ def planner_start(args) -> tuple:
                  "data.batch_size=1", "model.max_seq_len=2147483647"]
     overrides += [a for a in extra if "=" in a and not a.startswith("-")]
     if not any(o.startswith("memory.gpu_budget_gb=") for o in overrides):
-        # the capped card the trials get (--gpu-cap-gb, as bench_train.py plans), else the first GPU
-        cap = extra[extra.index("--gpu-cap-gb") + 1] if "--gpu-cap-gb" in extra[:-1] else None
-        gib = float(cap) if cap is not None else _gpu_total_gib()
+        # the capped card the trials get (--gpu-cap-gb, read by bench_train.py's own parser, as
+        # the trial reads it), else the first GPU
+        cap = trial_parser().parse_known_args(extra)[0].gpu_cap_gb
+        gib = cap or _gpu_total_gib()
         if gib:
             overrides.append(f"memory.gpu_budget_gb={gib:.2f}")
     try:

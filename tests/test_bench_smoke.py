@@ -84,6 +84,13 @@ def test_gpu_cap_sets_the_planner_budget_and_refuses_a_cpu_run(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "--gpu-cap-gb 40: needs a CUDA device" in proc.stderr, proc.stderr[-2000:]
     assert json.loads(out.read_text())["status"] == "error"
+    # the search starts where the planner puts the capped card, whichever way the flag is spelled
+    import longest_seq
+
+    starts = [longest_seq.planner_start(longest_seq.build_parser().parse_args(
+        ["--config", "llama3.2-1b", "--log", str(tmp_path / "l.json"), "--", *flag]))
+        for flag in (["--gpu-cap-gb", "16"], ["--gpu-cap-gb=16"], ["memory.gpu_budget_gb=16"])]
+    assert starts[0] == starts[1] == starts[2] and starts[0][1] == "planner.plan", starts
 
 
 def test_profile_summary_sums_categories_and_exposed_communication(tmp_path):
