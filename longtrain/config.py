@@ -127,7 +127,7 @@ class MemoryConfig:
     recompute_loops: bool = False  # looped models: store only each iteration's input
     offload: bool = False  # offload what recompute keeps (layer inputs) to pinned CPU memory
     offload_fraction: float = 1.0  # token-wise split: fraction of each saved tensor sent to CPU
-    offload_prefetch: int = 1  # saved tensors brought back ahead of need during backward
+    offload_prefetch: int = 1  # blocks whose offloaded tensors come back ahead of need in backward
     host_budget_gb: float = 64.0  # pinned host memory per rank (offload pool + optimizer offload)
     tiled_mlp: int = 0  # number of sequence chunks for the MLP; 0 = off
     tiled_loss: int = 0  # tokens per chunk for head + cross-entropy; 0 = off

@@ -46,7 +46,7 @@ def apply_activation_memory(model: nn.Module, cfg) -> dict:
         device = next((p.device for p in model.parameters()), None)
         offloader = offload_layer_inputs(mem, device)
         model._longtrain_offloader = offloader
-    modes = apply_recompute(model, mem, offloader.wrap if offloader is not None else None)
+    modes = apply_recompute(model, mem, offloader.wrap if offloader is not None else None, store=offloader)
     summary["recompute"] = _summarise(modes)
     if offloader is not None:
         summary["offload"] = f"fraction={mem.offload_fraction} host_budget_gb={mem.host_budget_gb:g}"

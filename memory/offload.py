@@ -9,10 +9,12 @@ The idea: with recomputation, what a block keeps for backward is essentially its
 (2·dim bytes per token in bf16) -- at a million tokens that is still GiBs per layer. The pack
 hook copies it to a host buffer on a side CUDA stream (the caching allocator is told, through
 ``record_stream``, not to reuse the GPU memory before the copy ends) and returns a handle, so
-the GPU tensor is freed as soon as the forward moves on. In backward, unpacking layer k's input
-waits for its copy and at once starts bringing back the ``prefetch`` tensors packed before it --
-the ones backward needs next -- so the host-to-device copies hide behind layer k's recompute
-and backward. MEMO's token-wise split: only ``fraction`` of each tensor's tokens (rows of the
+the GPU tensor is freed as soon as the forward moves on. Under ``selective`` recomputation the
+attention output and log-sum-exp a block keeps come here too (``keep``/``take``, the store of
+``memory.selective``), so with offload on, nothing a block keeps waits on the GPU. In backward,
+unpacking layer k's input waits for its copy and at once starts bringing back the rest of layer
+k's tensors and everything the ``prefetch`` wrapped calls before it saved -- what backward needs
+next -- so the host-to-device copies hide behind layer k's recompute and backward. MEMO's token-wise split: only ``fraction`` of each tensor's tokens (rows of the
 last dimension, i.e. leading tokens of a ``[batch, seq, dim]`` tensor) go to the host; the rest
 stays on the GPU, trading GPU memory for PCIe time per layer.
 
@@ -41,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from longtrain.memory.recompute import checkpoint_depth, in_backward
+from longtrain.memory.selective import detached
 
 GiB = 2**30
 
@@ -104,6 +107,13 @@ class PinnedPool:
                 "peak_in_use_bytes": self.peak_in_use, "acquired": self.acquired}
 
 
+def _dense_order(t: torch.Tensor) -> tuple | None:
+    """The dimension order in which ``t`` is laid out contiguously (outermost first), or None
+    when ``t`` is not a permutation of a contiguous tensor (overlapping, or with gaps)."""
+    order = tuple(sorted(range(t.dim()), key=lambda i: (-t.stride(i), i)))
+    return order if t.permute(order).is_contiguous() else None
+
+
 def _is_parameter_like(t: torch.Tensor) -> bool:
     return isinstance(t, nn.Parameter) or isinstance(getattr(t, "_base", None), nn.Parameter)
 
@@ -134,7 +144,7 @@ def _local(t: torch.Tensor):
 class _Packed:
     """One offloaded saved tensor: a host part (first ``n_host`` rows) and a GPU part (the rest)."""
 
-    __slots__ = ("owner", "index", "shape", "dtype", "device", "n_host", "host", "buf", "gpu_rest",
+    __slots__ = ("owner", "index", "region", "order", "shape", "dtype", "device", "n_host", "host", "buf", "gpu_rest",
                  "d2h_event", "h2d_event", "loaded", "rebuild", "done", "refs", "ready", "__weakref__")
 
     def __del__(self):  # graph freed without backward (e.g. eval with grad on): return the buffer
@@ -158,6 +168,8 @@ class ActivationOffloader:
         self._stream = None
         self._records: list[weakref.ref] = []
         self._dedupe: dict | None = None
+        self._region = 0  # wrapped calls so far: the unit prefetch counts in
+        self._depth = 0  # > 0 while a wrapped call runs its forward (``keep`` moves outputs then)
         self.stats = {"packed": 0, "offloaded_bytes": 0, "kept_bytes": 0, "fallback": 0, "prefetched": 0}
         self._warned = False
 
@@ -176,6 +188,7 @@ class ActivationOffloader:
                 and t.numel() >= self.min_numel and t.is_contiguous() and t.device.type != "meta")
 
     def pack(self, t: torch.Tensor):
+        """The ``saved_tensors_hooks`` pack: a saved activation goes to the host (or stays)."""
         if not self._wants(t):
             return t
         local, rebuild = _local(t)
@@ -193,10 +206,42 @@ class ActivationOffloader:
             if rec is not None and base_ref() is base and not rec.done:
                 rec.refs += 1
                 return rec
+        rec = self._move(local, rebuild)
+        if rec is None:
+            return t
+        if self._dedupe is not None:
+            self._dedupe[key] = (weakref.ref(base), weakref.ref(rec))
+        return rec
+
+    # ---- the store of selective recomputation (memory.selective) ---------------------------
+
+    def keep(self, t: torch.Tensor):
+        """Record an op output that selective recomputation keeps (an attention output and its
+        log-sum-exp): moved like a layer input while a wrapped block runs its forward, else kept
+        on the GPU. Called inside a dispatch mode, below autograd."""
+        if (self._depth > 0 and not in_backward() and t.is_floating_point()
+                and t.numel() >= self.min_numel and t.device.type != "meta"):
+            # attention kernels return [batch, heads, seq, dim] views of a sequence-major buffer:
+            # move that buffer (token-wise, as the layer inputs) and give back the same view
+            order = _dense_order(t)
+            if order is not None:
+                rec = self._move(t.permute(order), None)
+                if rec is not None:
+                    rec.order = order
+                    return rec
+        return detached(t)
+
+    def take(self, record):
+        """The tensor ``keep`` recorded, back on its device."""
+        return self.unpack(record) if isinstance(record, _Packed) else record
+
+    def _move(self, local: torch.Tensor, rebuild) -> "_Packed | None":
+        """Copy the first ``fraction`` of ``local``'s rows to a host buffer (on the side stream)
+        and clone the rest; None when nothing moves (no rows, or the pool is full)."""
         rows = local.numel() // local.shape[-1] if local.dim() else 1
         n_host = int(round(rows * self.fraction))
         if n_host == 0:
-            return t
+            return None
         flat = local.view(rows, -1)
         host_part = flat[:n_host]
         nbytes = host_part.numel() * host_part.element_size()
@@ -208,12 +253,13 @@ class ActivationOffloader:
                 warnings.warn(f"activation offload: the host pool is full "
                               f"(memory.host_budget_gb={self.pool.budget / GiB:g}); further saved "
                               f"tensors stay on the GPU. Raise host_budget_gb or lower offload_fraction.")
-            return t
+            return None
         rec = _Packed()
         rec.owner, rec.shape, rec.dtype, rec.device = self, local.shape, local.dtype, local.device
         rec.n_host, rec.buf, rec.rebuild, rec.done = n_host, buf, rebuild, False
         rec.host = buf[:nbytes].view(local.dtype).view(n_host, -1)
         rec.loaded, rec.h2d_event, rec.d2h_event, rec.refs, rec.ready = None, None, None, 1, None
+        rec.region, rec.order = self._region, None
         if local.is_cuda and self.cuda:
             main = torch.cuda.current_stream(local.device)
             side = self.stream
@@ -223,19 +269,16 @@ class ActivationOffloader:
                 rec.d2h_event = torch.cuda.Event()
                 rec.d2h_event.record(side)
             local.record_stream(side)  # do not reuse t's memory before the copy ends
-            # the GPU part must not alias t, or t's whole storage would stay alive
-            rec.gpu_rest = flat[n_host:].clone() if n_host < rows else None
         else:
             rec.host.copy_(host_part)
-            rec.gpu_rest = flat[n_host:].clone() if n_host < rows else None
+        # the GPU part must not alias t, or t's whole storage would stay alive
+        rec.gpu_rest = flat[n_host:].clone() if n_host < rows else None
         if len(self._records) % 256 == 255:  # forwards that never ran backward leave dead refs
             self._records = [r for r in self._records if r() is not None and not r().done]
             for i, r in enumerate(self._records):
                 r().index = i
         rec.index = len(self._records)
         self._records.append(weakref.ref(rec))
-        if self._dedupe is not None:
-            self._dedupe[key] = (weakref.ref(base), weakref.ref(rec))
         self.stats["packed"] += 1
         self.stats["offloaded_bytes"] += nbytes
         self.stats["kept_bytes"] += 0 if rec.gpu_rest is None else rec.gpu_rest.numel() * rec.gpu_rest.element_size()
@@ -254,7 +297,8 @@ class ActivationOffloader:
             return
         rest = rec.gpu_rest
         rows_total = rec.n_host + (0 if rest is None else rest.shape[0])
-        out = torch.empty((rows_total, rec.host.shape[1]), dtype=rec.dtype, device=rec.device)
+        whole = torch.empty(rec.shape, dtype=rec.dtype, device=rec.device)
+        out = whole.view(rows_total, -1)
         if rec.device.type == "cuda" and self.cuda:
             main = torch.cuda.current_stream(rec.device)
             side = self.stream
@@ -272,7 +316,9 @@ class ActivationOffloader:
             out[: rec.n_host].copy_(rec.host)
             if rest is not None:
                 out[rec.n_host:].copy_(rest)
-        rec.loaded, rec.gpu_rest = out, None
+        if rec.order is not None:  # the view ``keep`` was given, over the rebuilt buffer
+            whole = whole.permute(sorted(range(len(rec.order)), key=rec.order.__getitem__))
+        rec.loaded, rec.gpu_rest = whole, None
 
     def unpack(self, rec):
         if not isinstance(rec, _Packed):
@@ -287,7 +333,6 @@ class ActivationOffloader:
             out = rec.loaded
             if rec.h2d_event is not None:
                 torch.cuda.current_stream(rec.device).wait_event(rec.h2d_event)
-            out = out.view(rec.shape)
             rec.ready = rec.rebuild(out) if rec.rebuild is not None else out
             self.pool.release(rec.buf, rec.h2d_event)
             rec.buf, rec.loaded = None, None
@@ -303,17 +348,30 @@ class ActivationOffloader:
         return result
 
     def _prefetch_before(self, index: int) -> None:
-        """Start loading the ``prefetch`` live handles packed just before ``index``: backward
-        reaches them next."""
-        j, started = index - 1, 0
-        while j >= 0 and started < self.prefetch:
+        """Start loading the rest of this handle's wrapped call (the attention output a block
+        kept, after its input) and everything the ``prefetch`` wrapped calls before it saved:
+        backward reaches them next."""
+        me = self._records[index]()
+        region = me.region if me is not None else None
+
+        def start(rec) -> None:
+            if rec is not None and not rec.done and rec.loaded is None and rec.ready is None:
+                self._load(rec)
+                self.stats["prefetched"] += 1
+
+        j = index + 1
+        while j < len(self._records) and (r := self._records[j]()) is not None and r.region == region:
+            start(r)
+            j += 1
+        j = index - 1
+        while j >= 0:
             prev = self._records[j]()
-            if prev is not None and not prev.done:
-                if prev.loaded is None and prev.ready is None:
-                    self._load(prev)
-                    self.stats["prefetched"] += 1
-                started += 1
             j -= 1
+            if prev is None or prev.done:
+                continue
+            if region is not None and prev.region < region - self.prefetch:
+                break
+            start(prev)
 
     # ---- the region ------------------------------------------------------------------------
 
@@ -328,11 +386,14 @@ class ActivationOffloader:
             if not torch.is_grad_enabled() or checkpoint_depth() > 0 or in_backward():
                 return fn(*args, **kwargs)
             self._dedupe = {}
+            self._region += 1
+            self._depth += 1
             try:
                 with self.hooks():
                     return fn(*args, **kwargs)
             finally:
                 self._dedupe = None
+                self._depth -= 1
 
         return run
 

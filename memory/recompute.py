@@ -9,7 +9,7 @@ The idea: a block wrapped with ``torch.utils.checkpoint`` (non-reentrant) stores
 inputs; backward re-runs the block to rebuild what it needs. ``selective`` additionally keeps the
 outputs of the ops that are expensive to recompute but cheap to store -- attention (SDPA,
 FlexAttention, flash-attn: O(S^2) FLOPs, O(S) output) and optionally matmuls -- through
-``create_selective_checkpoint_contexts``. Wrapping replaces the instance's ``forward`` rather
+``memory.selective``, which can keep them in host memory. Wrapping replaces the instance's ``forward`` rather
 than inserting a wrapper module, so parameter names (and checkpoints) do not change, and hooks
 installed on the module by tensor parallelism, Ulysses or FSDP2 keep running around it.
 
@@ -27,9 +27,10 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint
 
 from longtrain.config import check_recompute_layers
+from longtrain.memory.selective import selective_context_fn
 
 _state = threading.local()
 
@@ -54,64 +55,6 @@ def in_backward() -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Selective policy
-# --------------------------------------------------------------------------------------------
-
-
-def _attention_ops() -> list:
-    aten = torch.ops.aten
-    names = ["_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-             "_scaled_dot_product_attention_math", "_scaled_dot_product_fused_attention_overrideable"]
-    ops = [getattr(aten, n).default for n in names if hasattr(aten, n)]
-    try:  # FlexAttention is a higher-order op
-        ops.append(torch.ops.higher_order.flex_attention)
-    except AttributeError:
-        pass
-    for ns, name in (("flash_attn", "_flash_attn_forward"), ("flash_attn", "_flash_attn_varlen_forward")):
-        try:  # flash-attn >= 2.6 registers its kernels as torch custom ops
-            ops.append(getattr(getattr(torch.ops, ns), name).default)
-        except (AttributeError, RuntimeError):
-            pass
-    return ops
-
-
-def _matmul_ops() -> list:
-    aten = torch.ops.aten
-    return [aten.mm.default, aten.addmm.default, aten.bmm.default]
-
-
-def selective_context_fn(save: str = "attention") -> Callable:
-    """A ``context_fn`` for ``checkpoint``: keep attention outputs (and matmuls per ``save``).
-
-    ``attention+half_mm`` keeps every other matmul output (torchtitan's op-level policy): the
-    counters are per checkpoint call and separate for forward and recompute so both see the same
-    decisions.
-    """
-    attn = set(_attention_ops())
-    mms = set(_matmul_ops())
-
-    def context_fn():
-        counts = {"forward": 0, "recompute": 0}
-
-        def policy(ctx, func, *args, **kwargs):
-            if func in attn:
-                return CheckpointPolicy.MUST_SAVE
-            if func in mms and save != "attention":
-                if save == "attention+mm":
-                    return CheckpointPolicy.MUST_SAVE
-                key = "recompute" if ctx.is_recompute else "forward"
-                counts[key] += 1
-                if counts[key] % 2 == 1:
-                    return CheckpointPolicy.MUST_SAVE
-            return CheckpointPolicy.PREFER_RECOMPUTE
-
-        return create_selective_checkpoint_contexts(policy)
-
-    return context_fn
-
-
-# --------------------------------------------------------------------------------------------
 # Wrapping
 # --------------------------------------------------------------------------------------------
 
@@ -133,11 +76,14 @@ def loop_index_keeper(core) -> Callable[[], Callable[[], None]]:
 
 
 def checkpointed(fn: Callable, mode: str, selective_save: str = "attention",
-                 snapshot: Callable | None = None) -> Callable:
-    """``fn`` run under non-reentrant checkpoint (``full``/``selective``); ``none`` returns ``fn``."""
+                 snapshot: Callable | None = None, store=None) -> Callable:
+    """``fn`` run under non-reentrant checkpoint (``full``/``selective``); ``none`` returns ``fn``.
+
+    ``store``: where ``selective`` keeps the op outputs it saves (``memory.selective``; the
+    activation offloader when offload is on, else the GPU)."""
     if mode == "none":
         return fn
-    context_fn = selective_context_fn(selective_save) if mode == "selective" else None
+    context_fn = selective_context_fn(selective_save, store) if mode == "selective" else None
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
@@ -197,11 +143,12 @@ def recompute_mode_of(index: int, name: str, default: str, groups: Iterable[tupl
     return mode
 
 
-def apply_recompute(model: nn.Module, mem, offload_wrap: Callable | None = None) -> dict[str, str]:
+def apply_recompute(model: nn.Module, mem, offload_wrap: Callable | None = None, store=None) -> dict[str, str]:
     """Wrap every block (and a looped model's core) per ``mem`` (a ``MemoryConfig``).
 
     ``offload_wrap(fn)`` (from ``longtrain.memory.offload``) is put around each checkpointed
-    call so the checkpoint's saved inputs go to the host. Returns {block name: mode}.
+    call so the checkpoint's saved inputs go to the host; ``store`` (the same offloader) takes
+    the outputs ``selective`` keeps. Returns {block name: mode}.
     """
     groups = check_recompute_layers(mem.recompute_layers)
     core = getattr(model, "core", None)
@@ -215,7 +162,7 @@ def apply_recompute(model: nn.Module, mem, offload_wrap: Callable | None = None)
         snapshot = keep if in_core else None
 
         def make(fwd, mode=mode, snapshot=snapshot):
-            fn = checkpointed(fwd, mode, mem.selective_save, snapshot)
+            fn = checkpointed(fwd, mode, mem.selective_save, snapshot, store)
             return offload_wrap(fn) if offload_wrap is not None else fn
 
         if mode != "none" or offload_wrap is not None:

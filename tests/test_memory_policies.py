@@ -207,9 +207,44 @@ def test_a_prefetched_tensor_is_rebuilt_whole_and_its_gpu_part_freed():
             recs = [r() for r in off._records]
             assert len(recs) == 2 and all(r.gpu_rest is not None and r.n_host == 32 for r in recs)
             off._load(recs[0])  # what unpacking the second block's input starts in backward
-            assert recs[0].gpu_rest is None and recs[0].loaded.shape == (64, 64)
+            assert recs[0].gpu_rest is None and recs[0].loaded.shape == (2, 32, 64)
             torch.testing.assert_close(recs[0].loaded.view(recs[0].shape), h1, rtol=0, atol=0)
         out.sum().backward()
         grads.append(w.grad.clone())
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
     assert off.stats["packed"] == 2 and off.pool.in_use == 0
+
+
+class _CountAttention(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts attention kernel calls (forward, and any recomputation inside backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_selective_never_recomputes_attention_and_offload_moves_what_it_keeps(offload):
+    """selective keeps each block's attention output (attention runs once per block: forward
+    only); with offload the kept output goes to the host pool beside the block input (two
+    records per block; the log-sum-exp of these tiny shapes is under the offloader's
+    min_numel), and gradients equal no policy."""
+    mem = dict(recompute="selective") | (dict(offload=True, offload_fraction=1.0) if offload else {})
+    ref, model = build_pair("llama", **mem)
+    kw = batch()
+    counter = _CountAttention()
+    with counter:
+        loss_and_grads(model, kw)
+    assert counter.calls == 3  # n_layers: none in backward
+    with _CountAttention() as full_counter:
+        loss_and_grads(build_pair("llama", recompute="full")[1], kw)
+    assert full_counter.calls == 6  # the check can fail: full recomputes attention
+    if offload:
+        off = model._longtrain_offloader
+        assert off.stats["packed"] == 2 * 3 and off.pool.in_use == 0
+    assert_same(ref, model, kw)
