@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from longtrain.config import load_config  # noqa: E402
 from longtrain.memory import apply_activation_memory  # noqa: E402
 from longtrain.memory.optimizer_offload import build_optimizer  # noqa: E402
-from longtrain.memory.planner import (GiB, Layout, estimate, host_rss_bytes, measure_peak,  # noqa: E402
+from longtrain.memory.planner import (GiB, estimate, sizes, host_rss_bytes, measure_peak,  # noqa: E402
                                       policy_of, reset_peak, resolve_policy)
 from longtrain.models import build_model  # noqa: E402
 
@@ -78,7 +78,7 @@ def run_policy(args, name: str, overrides: list[str], seq: int, steps: int) -> d
         rec["resolved"] = {k: getattr(mem, k) for k in ("recompute", "recompute_loops", "offload",
                                                           "offload_fraction", "tiled_mlp", "tiled_loss",
                                                           "optimizer_offload")}
-        est = estimate(cfg, Layout(), policy_of(mem))
+        est = estimate(cfg, sizes(), policy_of(mem))
         rec["estimate_gpu_gib"] = est.gpu_total / GiB
         rec["estimate_host_gib"] = est.host_total / GiB
         rec["estimate_terms_gib"] = {k: v / GiB for k, v in est.gpu.items()}

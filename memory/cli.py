@@ -19,6 +19,11 @@ def _plan(ns: argparse.Namespace) -> int:
         overrides.append(f"memory.gpu_budget_gb={ns.gpu_gb}")
     if ns.host_gb is not None:
         overrides.append(f"memory.host_budget_gb={ns.host_gb}")
+    if ns.check_time:
+        from longtrain.memory.planner import format_time_model_error, time_model_error
+
+        print(format_time_model_error(time_model_error()))
+        return 0
     cfg = load_config(config, overrides)
     if ns.longest:
         return _longest(cfg, ns.world)
@@ -33,7 +38,8 @@ def _plan(ns: argparse.Namespace) -> int:
         print(f"\nmemory.policy=auto resolves to: recompute={chosen.recompute} "
               f"recompute_loops={chosen.recompute_loops} offload={chosen.offload} "
               f"offload_fraction={chosen.offload_fraction:g} tiled_mlp={chosen.tiled_mlp} "
-              f"tiled_loss={chosen.tiled_loss} optimizer_offload={chosen.optimizer_offload}")
+              f"tiled_loss={chosen.tiled_loss} optimizer_offload={chosen.optimizer_offload} "
+              f"fsdp_cpu_offload={chosen.fsdp_cpu_offload}")
     return 0
 
 
@@ -67,13 +73,15 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "plan", help="estimate per-GPU memory for a config and pick a memory policy",
         description="Print per-rank memory estimates (parameters, gradients, optimizer, activations, "
-                    "working and communication buffers) for each memory policy from cheapest to leanest, "
-                    "and the one memory.policy=auto picks. CONFIG is a YAML path or shipped config name.")
+                    "working and communication buffers) and the estimated step time for the memory policies, "
+                    "fastest first, and the one memory.policy=auto picks (the fastest that fits). CONFIG is a YAML path or shipped config name.")
     p.add_argument("args", nargs="*", metavar="[CONFIG] [section.key=value ...]")
     p.add_argument("--gpu-gb", type=float, default=None, help="GPU budget in GiB (memory.gpu_budget_gb)")
     p.add_argument("--host-gb", type=float, default=None, help="host budget per rank (memory.host_budget_gb)")
     p.add_argument("--longest", action="store_true",
                    help="print the longest data.seq_len some memory policy fits (planner estimate)")
+    p.add_argument("--check-time", action="store_true",
+                   help="print the step-time model against every step measured on H200s (docs/performance.md)")
     p.add_argument("--world", type=int, default=None,
                    help="world size to resolve parallel.dp_shard=-1 (default launch.nodes*nproc_per_node)")
     p.set_defaults(func=_plan)

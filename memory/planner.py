@@ -1,9 +1,12 @@
-"""The memory planner: per-rank estimates for a config, and the cheapest policy that fits.
+"""The memory planner: per-rank memory and step time for a config, and the fastest policy that fits.
 
-Owns: exact parameter counts (``count_params``), the per-rank estimate of every memory term
-(``estimate``), the ladder of policies from cheapest to leanest (``candidate_policies``), the
-choice (``plan``), ``resolve_policy`` for ``memory.policy=auto``, the table ``longtrain plan``
-prints, and ``measure_peak`` to put measurements next to the estimates.
+Owns: exact parameter counts (``count_params``), the layout it plans for (``layout_from``:
+``ParallelDims.from_config``, as the trainer builds it), the per-rank estimate of every memory
+term (``estimate``, one function per term below), the policies weighed (``candidate_policies``),
+the choice (``plan``: the fastest that fits by ``memory.step_time``'s model, ties to the least
+machinery), ``resolve_policy`` for ``memory.policy=auto``, the table ``longtrain plan`` prints,
+the time model's error against measured steps (``time_model_error``), and ``measure_peak`` to put
+measurements next to the estimates.
 
 Notation: d = model.dim, h = n_heads, kv = n_kv_heads, hd = d/h, f = ffn_dim, V = vocab_size,
 t = tp, s = sp, a = bytes of an activation element (2 for bf16, 4 for fp32), r = bytes of the
@@ -37,12 +40,15 @@ Saved for backward per token and layer with no recompute (``block_saved_terms``;
 
 Per policy (per token and layer):
     none ........ all of the above
-    selective ... r·d/t (checkpoint input) + a·qd + 4h/t (attention output and logsumexp kept);
+    selective ... r·d/t (checkpoint input) + a·qd + 4h/t (attention output and logsumexp kept,
+                  ``memory.selective``);
                   ``attention+mm`` adds every matmul output a·(qd + 2kvd + 2d + 2f/t),
                   ``attention+half_mm`` half of that
     full ........ r·d/t (the checkpoint input only: 8 KiB/token for Llama-3-8B under FSDP bf16)
     recompute_loops (looped core) ... r·d/t per *iteration* instead of per core block
-    offload φ ... the checkpoint inputs: (1-φ) stay on the GPU, φ go to the host
+    offload φ ... what goes through the offloader: (1-φ) stays on the GPU, φ goes to the host --
+                  the checkpoint inputs under ``full``, everything kept under ``selective`` (its
+                  attention outputs too) and ``none``
     tiled MLP ... the chunk checkpoints keep the ffn-norm output (r·d) instead of its casts and the
                   4·a·f/t MLP intermediates; one chunk's worth is recomputed at a time
 The head's norm also keeps the last block's output, r·d/t per token (tiled or not).
@@ -102,7 +108,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from longtrain.config import Config, ConfigError
+from longtrain.config import Config, ConfigError, load_config
+from longtrain.memory.step_time import H200, MEASURED, Rates, StepTime, step_time
+from longtrain.parallel.mesh import ParallelDims
 
 GiB = 2**30
 RESERVE_FRACTION = 0.08
@@ -144,39 +152,34 @@ def count_params(m) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Layout:
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    tp: int = 1
-    sp: int = 1
-    pp: int = 1
-
-    @property
-    def world(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp * self.sp * self.pp
-
-    @property
-    def fsdp(self) -> int:  # parameters are sharded over dp_shard x sp (parallel.fsdp)
-        return self.dp_shard * self.sp
-
-
-def layout_from(cfg: Config, world=None) -> Layout:
-    """Mesh sizes from a ``ParallelDims``-like object, a dict, an int world size, or the config."""
-    p = cfg.parallel
-    if world is not None and not isinstance(world, (int, dict)):
-        return Layout(*(int(getattr(world, k)) for k in ("dp_replicate", "dp_shard", "tp", "sp", "pp")))
+def layout_from(cfg: Config, world=None) -> ParallelDims:
+    """The layout to plan for, as the trainer builds it (``ParallelDims.from_config``, which is
+    pure): ``world`` is the trainer's ``ParallelDims`` (returned as is), a dict of mesh sizes that
+    override ``cfg.parallel``, a world size, or None for ``launch.nodes * launch.nproc_per_node``
+    when ``parallel.dp_shard=-1`` (else the product of the sizes)."""
+    if isinstance(world, ParallelDims):
+        return world
     if isinstance(world, dict):
-        return Layout(**{k: int(world.get(k, getattr(p, k))) for k in ("dp_replicate", "dp_shard", "tp", "sp", "pp")})
-    others = p.dp_replicate * p.tp * p.sp * p.pp
-    if p.dp_shard == -1:
-        n = world if isinstance(world, int) else cfg.launch.nodes * cfg.launch.nproc_per_node
-        if n % others:
-            raise ConfigError(f"world size {n} is not divisible by dp_replicate*tp*sp*pp={others}.")
-        dp_shard = max(1, n // others)
-    else:
-        dp_shard = p.dp_shard
-    return Layout(p.dp_replicate, dp_shard, p.tp, p.sp, p.pp)
+        cfg = copy.deepcopy(cfg)
+        for k, v in world.items():
+            setattr(cfg.parallel, k, int(v))
+        world = None
+    p = cfg.parallel
+    if world is None:
+        world = (cfg.launch.nodes * cfg.launch.nproc_per_node if p.dp_shard == -1
+                 else p.dp_replicate * p.dp_shard * p.tp * p.sp * p.pp)
+    return ParallelDims.from_config(cfg, int(world))
+
+
+def sizes(dp_replicate: int = 1, dp_shard: int = 1, tp: int = 1, sp: int = 1, pp: int = 1) -> ParallelDims:
+    """A mesh-less layout of these sizes, to plan for hardware one does not have at hand."""
+    return ParallelDims(dp_replicate=dp_replicate, dp_shard=dp_shard, sp=sp, tp=tp, pp=pp,
+                        world_size=dp_replicate * dp_shard * tp * sp * pp)
+
+
+def fsdp_size(lay: ParallelDims) -> int:
+    """Ranks a parameter is sharded over: dp_shard x sp (``parallel.fsdp``)."""
+    return lay.dp_shard * lay.sp
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,7 @@ class Estimate:
     phase: str = ""  # the moment of the step the peak is at
     phases: dict = field(default_factory=dict)  # phase -> GPU bytes
     phase_terms: dict = field(default_factory=dict)  # phase -> {component -> bytes}
+    time: StepTime | None = None  # the step-time model's estimate (memory.step_time)
 
     @property
     def gpu_total(self) -> int:
@@ -270,24 +274,24 @@ def _param_bytes(cfg: Config, a: int) -> int:
     return 2 if p == "bf16" else 4
 
 
-def uses_fsdp(lay: Layout, cfg: Config | None = None, a: int | None = None) -> bool:
+def uses_fsdp(lay: ParallelDims, cfg: Config | None = None, a: int | None = None) -> bool:
     """As ``parallel.fsdp.uses_fsdp``: sharded over dp, or, with no data-parallel peers (one process,
     tensor or pipeline parallelism alone), wrapped on a one-rank mesh for bf16 weights."""
-    if lay.dp_replicate * lay.fsdp > 1:
+    if lay.dp_replicate * fsdp_size(lay) > 1:
         return True
     if cfg is None:
         return False
     return _param_bytes(cfg, act_bytes(cfg) if a is None else a) == 2
 
 
-def weight_bytes(cfg: Config, lay: Layout, a: int) -> int:
+def weight_bytes(cfg: Config, lay: ParallelDims, a: int) -> int:
     """Bytes of the weights the matmuls see: FSDP2's unsharded ``param_dtype`` copy, else fp32."""
     if not uses_fsdp(lay, cfg, a):
         return 4
     return _param_bytes(cfg, a)
 
 
-def residual_bytes(cfg: Config, lay: Layout, a: int) -> int:
+def residual_bytes(cfg: Config, lay: ParallelDims, a: int) -> int:
     """Bytes per element of the residual stream (every block's input and output).
 
     With ``parallel.param_dtype=fp32`` the parameters are fp32: the embedding lookup is not an
@@ -300,7 +304,7 @@ def residual_bytes(cfg: Config, lay: Layout, a: int) -> int:
     return 4 if a == 4 else weight_bytes(cfg, lay, a)
 
 
-def _widths(m, lay: Layout) -> dict:
+def _widths(m, lay: ParallelDims) -> dict:
     t, s = lay.tp, lay.sp
     kv_t = max(1, m.n_kv_heads // t)
     kv_eff = kv_t * (s // math.gcd(kv_t, s)) if s > 1 else m.n_kv_heads / t  # Ulysses repeats kv heads to lcm(kv, sp)
@@ -308,7 +312,7 @@ def _widths(m, lay: Layout) -> dict:
             "h": m.n_heads / t, "dt": m.dim / t, "hd": m.head_dim}
 
 
-def block_saved_terms(m, lay: Layout, a: int, r: int | None = None, tiled_mlp: bool = False) -> dict:
+def block_saved_terms(m, lay: ParallelDims, a: int, r: int | None = None, tiled_mlp: bool = False) -> dict:
     """Bytes per token that autograd keeps for one block with no recompute, by tensor.
 
     ``r``: bytes of the residual stream (``residual_bytes``; defaults to ``a``). When r != a (fp32
@@ -337,7 +341,7 @@ def block_saved_terms(m, lay: Layout, a: int, r: int | None = None, tiled_mlp: b
     }
 
 
-def layer_activation_bytes(m, lay: Layout, a: int, mode: str = "none", selective_save: str = "attention",
+def layer_activation_bytes(m, lay: ParallelDims, a: int, mode: str = "none", selective_save: str = "attention",
                            tiled_mlp: bool = False, r: int | None = None) -> float:
     """Bytes saved per token by one block under ``mode`` (the formulae of the module docstring).
 
@@ -359,7 +363,7 @@ def layer_activation_bytes(m, lay: Layout, a: int, mode: str = "none", selective
     return sum(block_saved_terms(m, lay, a, r, tiled_mlp).values())
 
 
-def _blocks_per_rank(m, lay: Layout) -> dict:
+def _blocks_per_rank(m, lay: ParallelDims) -> dict:
     """Blocks executed with a graph on the busiest pipeline stage: {'plain': n, 'core_calls': k}."""
     if m.arch == "llama":
         return {"plain": math.ceil(m.n_layers / lay.pp), "core_iters": 0}
@@ -369,114 +373,155 @@ def _blocks_per_rank(m, lay: Layout) -> dict:
     return {"plain": math.ceil((m.n_prelude + m.n_coda) / lay.pp), "core_iters": math.ceil(iters / lay.pp)}
 
 
-def estimate(cfg: Config, lay: Layout, pol: Policy) -> Estimate:
-    """Per-rank peak memory for ``cfg`` under ``pol``; see the module docstring for each term.
+@dataclass
+class _Shape:
+    """What every term of one estimate reads: bytes per element, widths, tokens, counts."""
 
-    The peak is the largest of four moments of a step (``Estimate.phases``); ``gpu`` holds the
-    terms of the largest, ``phase`` names it.
-    """
+    a: int  # activation bytes
+    r: int  # residual-stream bytes
+    wb: int  # bytes of the weights the matmuls see
+    fsdp_on: bool
+    cast_w: bool  # autocast makes bf16 copies of fp32 weights
+    T: float  # tokens per rank and micro-batch
+    w: dict  # widths per token on one rank (``_widths``)
+    blk: float  # parameters of one block on this rank
+    head_w: float  # the output projection's weight on this rank
+    ends: float  # embedding and head parameters on the busiest stage
+    n_blocks_stage: int
+    p_local: float  # parameters on this rank (sharded)
+    nb: dict  # blocks run with a graph (``_blocks_per_rank``)
+
+
+def _shape(cfg: Config, lay: ParallelDims, pol: Policy) -> _Shape:
     m = cfg.model
     a = act_bytes(cfg)
-    r = residual_bytes(cfg, lay, a)
     wb = weight_bytes(cfg, lay, a)
-    fsdp_on = uses_fsdp(lay, cfg, a) or pol.fsdp_cpu_offload  # it asks for one-rank FSDP too
-    cast_w = a == 2 and wb == 4  # autocast makes bf16 copies of fp32 weights
-    T = cfg.data.batch_size * cfg.data.seq_len / lay.sp
-    w = _widths(m, lay)
-    d, qd, kvd, f, dt = w["d"], w["qd"], w["kvd"], w["f"], w["dt"]
     pc = count_params(m)
-    # parameters on the busiest rank
     if m.arch == "llama":
         n_blocks_stage = math.ceil(m.n_layers / lay.pp)
     else:
         n_blocks_stage = math.ceil((m.n_prelude + m.n_core + m.n_coda) / lay.pp) if lay.pp > 1 else pc["n_blocks"]
     ends = pc["embedding"] + pc["head"] if lay.pp == 1 else max(pc["embedding"], pc["head"])
-    p_local = (n_blocks_stage * pc["block"] + ends + pc["extra"]) / lay.tp / lay.fsdp
-    blk = pc["block"] / lay.tp
-    head_w = m.vocab_size * m.dim / lay.tp  # the output projection's weight (tied or not)
-    out = Estimate(pol)
-    base, hst = {}, out.host
-    grads_full = 0.0
+    return _Shape(a=a, r=residual_bytes(cfg, lay, a), wb=wb,
+                  fsdp_on=uses_fsdp(lay, cfg, a) or pol.fsdp_cpu_offload,  # it asks for one-rank FSDP too
+                  cast_w=a == 2 and wb == 4, T=cfg.data.batch_size * cfg.data.seq_len / lay.sp,
+                  w=_widths(m, lay), blk=pc["block"] / lay.tp, head_w=m.vocab_size * m.dim / lay.tp,
+                  ends=ends, n_blocks_stage=n_blocks_stage,
+                  p_local=(n_blocks_stage * pc["block"] + ends + pc["extra"]) / lay.tp / fsdp_size(lay),
+                  nb=_blocks_per_rank(m, lay))
+
+
+def static_terms(pol: Policy, sh: _Shape) -> tuple[dict, dict, float]:
+    """(GPU, host, all gradients) bytes of parameters, gradients and optimizer state: 4 + 4 + 8 a
+    parameter, sharded; optimizer offload moves m, v, an fp32 master and a gradient staging buffer
+    to the host, FSDP CPU offload parameters, gradients and optimizer state."""
+    gpu, host = {}, {}
     if pol.fsdp_cpu_offload:
-        hst["parameters"], hst["gradients"], hst["optimizer"] = 4 * p_local, 4 * p_local, 8 * p_local
+        host["parameters"], host["gradients"], host["optimizer"] = 4 * sh.p_local, 4 * sh.p_local, 8 * sh.p_local
+        return gpu, host, 0.0
+    gpu["parameters"] = 4 * sh.p_local
+    if pol.optimizer_offload:
+        host["optimizer"] = 16 * sh.p_local
     else:
-        base["parameters"] = 4 * p_local
-        grads_full = 4 * p_local
-        if pol.optimizer_offload:
-            hst["optimizer"] = 16 * p_local  # fp32 master + m + v + gradient staging
-        else:
-            base["optimizer"] = 8 * p_local
-    # Gradients are set to None after each step, so during backward only those already produced
-    # exist: at its start (where activations peak) the output projection's, no block's. With FSDP
-    # that one is the root's unsharded gradient in param_dtype, reduced when the root's backward
-    # ends; the blocks' sharded fp32 gradients grow as their activations are freed. With gradient
-    # accumulation every micro-batch after the first finds all gradients in place.
-    # (the root's unsharded gradient is on the GPU under FSDP CPU offload too, until it is reduced)
-    head_grad = (wb if fsdp_on else 4) * head_w
-    accum = cfg.schedule.grad_accum > 1
-    # saved activations
-    nb = _blocks_per_rank(m, lay)
+        gpu["optimizer"] = 8 * sh.p_local
+    return gpu, host, 4 * sh.p_local
+
+
+def saved_activation_terms(cfg: Config, lay: ParallelDims, pol: Policy, sh: _Shape) -> tuple[dict, dict, float]:
+    """(GPU, host, bytes each block keeps per token) for what the blocks save for backward.
+
+    Offload moves what goes through the offloader: the checkpoint inputs, and with ``none`` or
+    ``selective`` everything else a block keeps too (saved tensors by the hooks; the attention
+    outputs ``selective`` keeps through ``memory.selective``'s store). ``recompute_loops`` keeps
+    one input per core iteration instead of its blocks' internals.
+    """
+    m, T, dt = cfg.model, sh.T, sh.w["dt"]
     mode = pol.recompute
-    per_block = layer_activation_bytes(m, lay, a, mode, pol.selective_save, bool(pol.tiled_mlp), r)
-    core_blocks = nb["core_iters"] * m.n_core if m.arch == "looped" else 0
-    ckpt_inputs = 0.0  # bytes of checkpoint inputs (what offload moves)
-    other_saved = 0.0
-    if mode == "none":
-        other_saved += per_block * nb["plain"] * T
-    else:
-        ckpt_inputs += r * dt * nb["plain"] * T
-        other_saved += (per_block - r * dt) * nb["plain"] * T
-    if core_blocks:
-        if pol.recompute_loops:
-            ckpt_inputs += r * dt * nb["core_iters"] * T
-        elif mode == "none":
-            other_saved += per_block * core_blocks * T
+    per_block = layer_activation_bytes(m, lay, sh.a, mode, pol.selective_save, bool(pol.tiled_mlp), sh.r)
+    core_blocks = sh.nb["core_iters"] * m.n_core if m.arch == "looped" else 0
+    inputs = sh.r * dt  # a checkpoint's input per token
+    ckpt, other = 0.0, 0.0
+    for n in ([sh.nb["plain"]] + ([] if pol.recompute_loops else [core_blocks])):
+        if mode == "none":
+            other += per_block * n * T
         else:
-            ckpt_inputs += r * dt * core_blocks * T
-            other_saved += (per_block - r * dt) * core_blocks * T
+            ckpt += inputs * n * T
+            other += (per_block - inputs) * n * T
+    if core_blocks and pol.recompute_loops:
+        ckpt += inputs * sh.nb["core_iters"] * T
     phi = pol.offload_fraction
-    if phi and mode == "none" and not pol.recompute_loops:  # offload everything saved
-        ckpt_inputs, other_saved = ckpt_inputs + other_saved, 0.0
-    acts = {"activations": other_saved + (1 - phi) * ckpt_inputs}
-    if phi:
-        hst["offloaded activations"] = phi * ckpt_inputs
-    # the head's norm keeps the last block's output (a tiled loss keeps it too: its chunks are views)
-    acts["head input"] = (r * dt + 4 / lay.tp) * T
-    # weight copies: autocast's bf16 copies of fp32 weights are saved by the matmuls that use them
-    # (all blocks with no recompute, only the block being recomputed otherwise; the output
-    # projection's unless the loss is tiled, whose chunks recast it when recomputed). At the end
-    # of forward autocast's cache still holds a copy of every weight. FSDP2 instead keeps the
-    # root's unsharded weights (embedding, head: reshard_after_forward=False) for the whole step
-    # and gathers one block ahead.
+    if phi and mode in ("none", "selective"):  # everything kept goes through the offloader
+        ckpt, other = ckpt + other, 0.0
+    gpu = {"activations": other + (1 - phi) * ckpt,
+           # the head's norm keeps the last block's output (a tiled loss keeps it too: its chunks are views)
+           "head input": (sh.r * dt + 4 / lay.tp) * T}
+    host = {"offloaded activations": phi * ckpt} if phi else {}
+    moved_per_block = (per_block if mode in ("none", "selective") else inputs)
+    return gpu, host, moved_per_block
+
+
+def weight_copy_terms(pol: Policy, sh: _Shape) -> tuple[float, float]:
+    """(saved, cached) bytes of autocast's bf16 copies of fp32 weights: saved by the matmuls that
+    use them (all blocks with no recompute, only the block being recomputed otherwise; the output
+    projection's unless the loss is tiled, whose chunks recast it when recomputed); at the end of
+    forward autocast's cache still holds a copy of every weight. None under FSDP2 in bf16."""
+    if not sh.cast_w:
+        return 0.0, 0.0
+    saved = (2 * sh.n_blocks_stage * sh.blk if pol.recompute == "none" else 0) + (0 if pol.tiled_loss else 2 * sh.head_w)
+    return saved, 2 * (sh.n_blocks_stage * sh.blk + sh.head_w)
+
+
+def communication_terms(cfg: Config, lay: ParallelDims, pol: Policy, sh: _Shape) -> dict:
+    """FSDP2 keeps the root's unsharded weights (embedding, head: reshard_after_forward=False) for
+    the whole step, and a looped model's core (one unit for all its iterations) from its forward to
+    its backward; in backward it holds the current and prefetched unsharded block, its unsharded
+    gradients and their fp32 reduce-scatter input. TP all-gathers 2·a·T·d."""
+    m = cfg.model
     comm = {}
-    saved_w = cache_w = 0.0
-    if cast_w:
-        saved_w = (2 * n_blocks_stage * blk if mode == "none" else 0) + (0 if pol.tiled_loss else 2 * head_w)
-        cache_w = 2 * (n_blocks_stage * blk + head_w)
-    if fsdp_on:
-        comm["fsdp unsharded root"] = wb * ends / lay.tp
-        if m.arch == "looped" and core_blocks:
-            # the looped core is one unit gathered for all its iterations (reshard_after_forward=False,
-            # parallel.fsdp): its n_core blocks stay unsharded from its forward to its backward
-            comm["fsdp unsharded root"] += wb * m.n_core * blk
-    # ---- the loss: [c, V] logits, c = T or the tiled chunk ----------------------------------
-    v_local = m.vocab_size / lay.tp
+    if sh.fsdp_on:
+        comm["fsdp unsharded root"] = sh.wb * sh.ends / lay.tp
+        if m.arch == "looped" and sh.nb["core_iters"]:
+            comm["fsdp unsharded root"] += sh.wb * m.n_core * sh.blk
+    if lay.tp > 1:
+        comm["tp all-gather"] = 2 * sh.a * sh.T * sh.w["d"]
+    if sh.fsdp_on:
+        red = 4 * sh.blk if cfg.parallel.reduce_dtype == "fp32" and sh.wb != 4 else 0
+        # under CPU offload a block's fp32 shard is copied in before its gather and its reduced
+        # fp32 gradient waits on the GPU for its copy out
+        red += 8 * sh.blk if pol.fsdp_cpu_offload else 0
+        comm["fsdp block gathers"] = 2 * sh.wb * sh.blk + sh.wb * sh.blk + red
+    return comm
+
+
+def loss_terms(cfg: Config, lay: ParallelDims, pol: Policy, sh: _Shape) -> tuple[float, float]:
+    """(forward, backward) bytes of the loss over [c, V] logits, c = T or the tiled chunk.
+
+    Forward: bf16 logits, their fp32 copy (.float()) and the fp32 log-softmax, all alive at once;
+    backward: the saved log-softmax, nll_loss's dense [c, V] gradient and log_softmax's output
+    gradient (the bf16 logits are freed by then) -- 12 bytes per logit. The tiled loss adds, per
+    chunk, a recomputed bf16 copy of the weight, its bf16 gradient and the fp32 copy of that added
+    into .grad, and keeps the chunks' gradients w.r.t. h until one concatenation.
+    """
+    a, r, dt, T = sh.a, sh.r, sh.w["dt"], sh.T
+    v_local = cfg.model.vocab_size / lay.tp
     c = min(T, pol.tiled_loss) if pol.tiled_loss else T
-    # forward: bf16 logits, their fp32 copy (.float()) and the fp32 log-softmax, all alive at once;
-    # backward: the saved log-softmax, nll_loss's dense [c, V] gradient and log_softmax's output
-    # gradient (the bf16 logits are freed by then) -- 12 bytes per logit, the larger
     ce_fwd = (a + 8 if a == 2 else 8) * v_local * c
     ce_bwd = 12 * v_local * c
     if pol.tiled_loss:
-        # per chunk, a recomputed bf16 copy of the weight, its bf16 gradient and the fp32 copy of
-        # that added into .grad; the chunks' gradients w.r.t. h are kept until one concatenation
-        w_tr = (2 + 2 + 4) * head_w if cast_w else wb * head_w
-        loss_bwd = ce_bwd + w_tr + 2 * r * dt * T
-        loss_fwd = ce_fwd
-    else:
-        loss_bwd = ce_bwd + (a * dt * T if cast_w or r != a else 0)  # + the projection's saved input
-        loss_fwd = ce_fwd + (a * dt * T if cast_w or r != a else 0)
-    # ---- the backward of one block: the largest over blocks is the first one (all saved) ------
+        w_tr = (2 + 2 + 4) * sh.head_w if sh.cast_w else sh.wb * sh.head_w
+        return ce_fwd, ce_bwd + w_tr + 2 * r * dt * T
+    proj_in = a * dt * T if sh.cast_w or r != a else 0  # the projection's saved input
+    return ce_fwd + proj_in, ce_bwd + proj_in
+
+
+def block_backward_bytes(cfg: Config, lay: ParallelDims, pol: Policy, sh: _Shape) -> float:
+    """The backward of one block (the largest is the first: everything still saved): what
+    recompute rebuilds, the larger of the MLP backward's two extra [T, f] gradients and the
+    attention backward's dq/dk/dv (+ fp32 dq accumulator, + the Ulysses all-to-all buffers of
+    those gradients), the incoming [T, d] gradient and the block's weight gradients."""
+    m, a, r, T = cfg.model, sh.a, sh.r, sh.T
+    d, qd, kvd, f, dt = sh.w["d"], sh.w["qd"], sh.w["kvd"], sh.w["f"], sh.w["dt"]
+    mode = pol.recompute
     none_terms = block_saved_terms(m, lay, a, r, bool(pol.tiled_mlp))
     none_bytes = sum(none_terms.values())
     kept = layer_activation_bytes(m, lay, a, mode, pol.selective_save, bool(pol.tiled_mlp), r)
@@ -485,49 +530,66 @@ def estimate(cfg: Config, lay: Layout, pol: Policy) -> Estimate:
         mlp_tr = (6 * a * f + (2 * a * d if r != a else 0)) / pol.tiled_mlp
     else:  # MLP backward: silu(g) and up saved, d(product) in, d(silu) and d(up) out: +2 [T, f]
         mlp_tr = 2 * a * f
-    # attention backward, once the MLP's tensors are freed: dq, dk, dv, the kernel's fp32 dq
-    # accumulator, and with Ulysses the all-to-all send/receive buffers of those gradients
     attn_tr = (a * (qd + 2 * kvd) + 4 * qd + (2 * a * (qd + 2 * kvd) if lay.sp > 1 else 0)
                - none_terms["mlp"] - none_terms["ffn_norm out"])
     work = recomputed + max(mlp_tr, attn_tr) + r * dt  # + the incoming gradient of the residual
-    if pol.recompute_loops and core_blocks:
+    if pol.recompute_loops and sh.nb["core_iters"] and m.arch == "looped":
         layer = (none_bytes * m.n_core if mode == "none" else none_bytes + r * dt * m.n_core) + max(mlp_tr, attn_tr)
         work = max(work, layer)
-    layer_ws = work * T + (2 * blk if cast_w and mode != "none" else 0) + (6 if cast_w else 4) * blk  # + its weight grads
-    if lay.tp > 1:
-        comm["tp all-gather"] = 2 * a * T * d
-    if fsdp_on:  # current + prefetched block, its unsharded gradients and their fp32 reduce-scatter copy
-        red = 4 * blk if cfg.parallel.reduce_dtype == "fp32" and wb != 4 else 0
-        # under CPU offload a block's fp32 shard is copied in before its gather and its reduced
-        # fp32 gradient waits on the GPU for its copy out
-        red += 8 * blk if pol.fsdp_cpu_offload else 0
-        comm["fsdp block gathers"] = 2 * wb * blk + wb * blk + red
-    # ---- the phases --------------------------------------------------------------------------
+    return work * T + (2 * sh.blk if sh.cast_w and mode != "none" else 0) + (6 if sh.cast_w else 4) * sh.blk
+
+
+def estimate(cfg: Config, lay: ParallelDims, pol: Policy, rates: Rates = H200) -> Estimate:
+    """Per-rank peak memory and step time for ``cfg`` under ``pol``; see the module docstring for
+    each memory term and ``memory.step_time`` for the time.
+
+    The peak is the largest of four moments of a step (``Estimate.phases``); ``gpu`` holds the
+    terms of the largest, ``phase`` names it.
+    """
+    sh = _shape(cfg, lay, pol)
+    base, hst, grads_full = static_terms(pol, sh)
+    acts, off_host, moved_per_block = saved_activation_terms(cfg, lay, pol, sh)
+    hst.update(off_host)
+    saved_w, cache_w = weight_copy_terms(pol, sh)
+    comm = communication_terms(cfg, lay, pol, sh)
+    loss_fwd, loss_bwd = loss_terms(cfg, lay, pol, sh)
+    layer_ws = block_backward_bytes(cfg, lay, pol, sh)
+    # Gradients are set to None after each step, so during backward only those already produced
+    # exist: at its start (where activations peak) the output projection's, no block's. With FSDP
+    # that one is the root's unsharded gradient in param_dtype (on the GPU under FSDP CPU offload
+    # too, until it is reduced); the blocks' sharded fp32 gradients grow as their activations are
+    # freed. With gradient accumulation every micro-batch after the first finds all in place.
+    head_grad = (sh.wb if sh.fsdp_on else 4) * sh.head_w
+    accum = cfg.schedule.grad_accum > 1
     g_acc = grads_full if accum else 0.0
     # the head's gradient on top: none yet, or (accumulating, no FSDP) already inside grads_full;
     # under FSDP the root's unsharded gradient comes on top of the sharded ones
-    g_head = (head_grad if fsdp_on else 0.0) if accum else head_grad
+    g_head = (head_grad if sh.fsdp_on else 0.0) if accum else head_grad
     phases = {
         "forward (loss)": {**base, "gradients": g_acc + (g_head if accum else 0), **acts,
                            "weight copies": cache_w, **{k: v for k, v in comm.items() if k != "tp all-gather"},
                            "logits/loss": loss_fwd},
         "backward (loss)": {**base, "gradients": g_acc + (g_head if (pol.tiled_loss or accum) else 0),
-                            **acts, "weight copies": saved_w, **{k: v for k, v in comm.items() if k == "fsdp unsharded root"},
+                            **acts, "weight copies": saved_w,
+                            **{k: v for k, v in comm.items() if k == "fsdp unsharded root"},
                             "logits/loss": loss_bwd},
         "backward (first block)": {**base, "gradients": g_acc + g_head, "activations": acts["activations"],
                                    "weight copies": saved_w, "layer working set": layer_ws, **comm},
         "optimizer step": {**base, "gradients": grads_full},
     }
-    if phi:
-        # the host rows of the current block's input and of each prefetched one, back on the GPU
-        # (a prefetched input is rebuilt whole and its GPU part freed, memory.offload), plus one
-        # more: offload rows measured 4-12% above this estimate (docs/performance.md)
-        phases["backward (first block)"]["offload buffers"] = (cfg.memory.offload_prefetch + 2) * r * dt * T * phi
+    if pol.offload_fraction:
+        # what comes back to the GPU for the current block and each prefetched one (a prefetched
+        # tensor is rebuilt whole and its GPU part freed, memory.offload), plus one more: offload
+        # rows measured 4-12% above this estimate (docs/performance.md)
+        phases["backward (first block)"]["offload buffers"] = \
+            (cfg.memory.offload_prefetch + 2) * moved_per_block * sh.T * pol.offload_fraction
+    out = Estimate(pol)
     out.phase_terms = {k: {n: int(x) for n, x in v.items() if x} for k, v in phases.items()}
     out.phases = {k: sum(v.values()) for k, v in out.phase_terms.items()}
     out.phase = max(out.phases, key=out.phases.get)
     out.gpu = dict(out.phase_terms[out.phase])
     out.host = {k: int(v) for k, v in hst.items()}
+    out.time = step_time(cfg, lay, pol, out.host.get("offloaded activations", 0), sh.p_local, rates)
     return out
 
 
@@ -536,7 +598,7 @@ def estimate(cfg: Config, lay: Layout, pol: Policy) -> Estimate:
 # --------------------------------------------------------------------------------------------
 
 
-def tiling_sizes(cfg: Config, lay: Layout) -> tuple[int, int]:
+def tiling_sizes(cfg: Config, lay: ParallelDims) -> tuple[int, int]:
     """(MLP chunks, loss tokens per chunk): chunks of about ``dim`` tokens for the MLP (Arctic's
     choice: the intermediate then matches a [dim, ffn] weight), about 1 GiB of logits per loss chunk."""
     m = cfg.model
@@ -551,47 +613,33 @@ def tiling_sizes(cfg: Config, lay: Layout) -> tuple[int, int]:
 # GPU cannot keep three quarters of them, the fitting fraction lies between two quarter steps
 # (Llama-3-8B, 1M tokens, sp=2 on two H200s with 120 GiB of host memory each: 0.9)
 OFFLOAD_STEPS = 20
-SHOWN_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)  # rows `longtrain plan` prints (plus the chosen one)
 
 
-def candidate_policies(cfg: Config, lay: Layout) -> list[Policy]:
-    """Cheapest first: least recompute, then least offload, then tiled MLP (with each offload
-    fraction), then optimizer offload, then FSDP CPU offload (parameters and gradients too). Offload fractions go in steps of 1/``OFFLOAD_STEPS``.
+def candidate_policies(cfg: Config, lay: ParallelDims) -> list[Policy]:
+    """Every policy the planner weighs, least invasive first (the order breaks ties in time).
 
-    The tiled loss joins from the second rung on: it recomputes only the output projection (one
-    [T, dim] x [dim, vocab] product), less than any block recompute, and removes the largest
-    tensor of the step, the [T, vocab] logits.
+    The product of: recomputation (none, selective, full), the tiled MLP (off, on), the offload
+    fraction (0, then steps of 1/``OFFLOAD_STEPS``), where the optimizer state lives (GPU, host by
+    optimizer offload, host with parameters and gradients by FSDP CPU offload), and for a looped
+    model ``recompute_loops`` (off, on). The tiled loss is on everywhere but in the rows with
+    nothing else on, since it removes the largest tensor of a step (the [T, vocab] logits) for one
+    more [T, dim] x [dim, vocab] product.
     """
     looped = cfg.model.arch == "looped"
     mlp, loss = tiling_sizes(cfg, lay)
-    ladder = [Policy("none"), Policy("none", tiled_loss=loss), Policy("selective", tiled_loss=loss),
-              Policy("full", tiled_loss=loss)]
-    fractions = tuple(round(k / OFFLOAD_STEPS, 4) for k in range(1, OFFLOAD_STEPS + 1))
-    full = Policy("full", tiled_loss=loss)
-
-    def offload_rungs(base: Policy, zero_for: tuple = ()) -> list:
-        # ``base`` with each offload fraction (and none, for the recompute_loops values in
-        # ``zero_for``). A looped model tries each group twice: every core block's input saved
-        # (cheaper: each block is recomputed once; the host takes what offload moves), then
-        # recompute_loops (one input per iteration: less to keep or move, a second recompute)
-        out = []
-        for loops in ((False, True) if looped else (False,)):
-            b = dataclasses.replace(base, recompute_loops=loops)
-            out += [dataclasses.replace(b, offload_fraction=phi)
-                    for phi in ((0.0,) if loops in zero_for else ()) + fractions]
-        return out
-
-    ladder += offload_rungs(full, zero_for=(True,))  # plain full recompute is the rung above
-    # tiled MLP recomputes each chunk's intermediate once more, so it comes after every offload
-    # rung; with it, a partial offload often fits where the host cannot take every layer input
-    tiled = dataclasses.replace(full, tiled_mlp=mlp)
-    ladder += offload_rungs(tiled, zero_for=(False, True))
-    ladder += offload_rungs(dataclasses.replace(tiled, optimizer_offload=True))
-    # last, FSDP2's CPU offload: parameters and gradients go to the host as well (16 bytes a
-    # parameter off the GPU, against 12 for optimizer offload), paid for by a host-to-device copy
-    # of every unit's weights at each gather and torch's CPU AdamW
-    ladder += offload_rungs(dataclasses.replace(tiled, fsdp_cpu_offload=True))
-    return ladder
+    fractions = (0.0,) + tuple(round(k / OFFLOAD_STEPS, 4) for k in range(1, OFFLOAD_STEPS + 1))
+    states = ({}, {"optimizer_offload": True}, {"fsdp_cpu_offload": True})
+    out = []
+    for recompute in ("none", "selective", "full"):
+        for tiled_mlp in (0, mlp):
+            for state in states:
+                for loops in ((False, True) if looped else (False,)):
+                    for phi in fractions:
+                        base = Policy(recompute, loops, phi, tiled_mlp, loss, **state)
+                        if not (tiled_mlp or phi or state or loops):
+                            out.append(dataclasses.replace(base, tiled_loss=0))
+                        out.append(base)
+    return out
 
 
 def device_budget_bytes(cfg: Config) -> tuple[int, str]:
@@ -609,21 +657,46 @@ def usable(budget: int) -> int:
 
 @dataclass
 class Plan:
-    layout: Layout
+    layout: ParallelDims
     budget: int
     budget_desc: str
     host_budget: int
     rows: list  # Estimate per candidate
-    chosen: Estimate | None
+    chosen: Estimate | None  # the fastest that fits
 
 
-def plan(cfg: Config, world=None) -> Plan:
+def fits(e: Estimate, p: "Plan") -> bool:
+    return e.gpu_total <= usable(p.budget) and e.host_total <= p.host_budget
+
+
+# predicted step times within this fraction of the fastest are ties, and a tie goes to the policy
+# with the least machinery (``machinery``): the time model's error against measured steps is a
+# few percent (``time_model_error``), so a smaller predicted gain is not evidence of one
+TIE_FRACTION = 0.03
+
+
+def machinery(pol: Policy) -> tuple:
+    """How much a policy changes the plain step, most disruptive first: state on the host, then
+    activation offload, the tiled MLP, recompute_loops, the recomputation, the tiled loss."""
+    return (pol.fsdp_cpu_offload, pol.optimizer_offload, pol.offload_fraction > 0, pol.tiled_mlp > 0,
+            pol.recompute_loops, ("none", "selective", "full").index(pol.recompute), pol.offload_fraction,
+            pol.tiled_loss > 0)
+
+
+def plan(cfg: Config, world=None, rates: Rates = H200) -> Plan:
+    """Every candidate policy's memory and step time; the chosen one is the fastest that fits the
+    GPU budget (less the reserve) and the host budget, up to ``TIE_FRACTION``."""
     lay = layout_from(cfg, world)
     budget, desc = device_budget_bytes(cfg)
     host = int(cfg.memory.host_budget_gb * GiB)
-    rows = [estimate(cfg, lay, p) for p in candidate_policies(cfg, lay)]
-    chosen = next((e for e in rows if e.gpu_total <= usable(budget) and e.host_total <= host), None)
-    return Plan(lay, budget, desc, host, rows, chosen)
+    rows = [estimate(cfg, lay, p, rates) for p in candidate_policies(cfg, lay)]
+    out = Plan(lay, budget, desc, host, rows, None)
+    fitting = [e for e in rows if fits(e, out)]
+    if fitting:
+        fastest = min(e.time.total for e in fitting)
+        ties = [e for e in fitting if e.time.total <= fastest * (1 + TIE_FRACTION)]
+        out.chosen = min(ties, key=lambda e: machinery(e.policy))
+    return out
 
 
 def longest_seq_len(cfg: Config, world=None, max_seq: int = 1 << 27) -> tuple[int, Plan | None]:
@@ -659,7 +732,7 @@ def longest_seq_len(cfg: Config, world=None, max_seq: int = 1 << 27) -> tuple[in
 
 
 def resolve_policy(cfg: Config, world=None) -> Config:
-    """A copy of ``cfg`` with the memory fields set to the cheapest policy that fits.
+    """A copy of ``cfg`` with the memory fields set to the fastest policy that fits.
 
     ``world``: the trainer's ``ParallelDims`` (or a dict of mesh sizes, or a world size). The
     result has ``memory.policy=manual`` so applying it twice changes nothing. Raises
@@ -692,7 +765,30 @@ def _gib(x: float) -> str:
     return f"{x / GiB:8.2f}"
 
 
-def format_plan(cfg: Config, p: Plan) -> str:
+def _family(pol: Policy) -> tuple:
+    return dataclasses.astuple(dataclasses.replace(pol, offload_fraction=1.0 if pol.offload_fraction else 0.0))
+
+
+def shown_rows(p: Plan) -> list:
+    """The rows ``longtrain plan`` prints, fastest first: of each family of policies (the same but
+    for the offload fraction), the fastest that fits, else its leanest; and the chosen one."""
+    best: dict = {}
+    for e in p.rows:
+        k = _family(e.policy)
+        cur = best.get(k)
+        if cur is None:
+            best[k] = e
+            continue
+        key = lambda x: (not fits(x, p), x.time.total if fits(x, p) else -x.policy.offload_fraction)
+        if key(e) < key(cur):
+            best[k] = e
+    rows = list(best.values())
+    if p.chosen is not None and p.chosen not in rows:
+        rows.append(p.chosen)
+    return sorted(rows, key=lambda e: (not fits(e, p), e.time.total))
+
+
+def format_plan(cfg: Config, p: Plan, limit: int = 24) -> str:
     m, lay = cfg.model, p.layout
     T = cfg.data.batch_size * cfg.data.seq_len // lay.sp
     head = (f"model {m.arch} dim={m.dim} layers={m.n_unrolled_layers} ffn={m.ffn_dim} vocab={m.vocab_size} "
@@ -702,8 +798,9 @@ def format_plan(cfg: Config, p: Plan) -> str:
             f"GPU budget {p.budget_desc}: {usable(p.budget) / GiB:.1f} GiB usable "
             f"(less {RESERVE_FRACTION:.0%} + {RESERVE_BYTES / GiB:g} GiB reserve); host budget "
             f"{p.host_budget / GiB:g} GiB per rank")
+    rows = shown_rows(p)[:limit]
     keys = []
-    for e in p.rows:
+    for e in rows:
         for k in e.gpu:
             if k not in keys:
                 keys.append(k)
@@ -711,21 +808,54 @@ def format_plan(cfg: Config, p: Plan) -> str:
              "head input": "head-in", "offload buffers": "offbuf", "layer working set": "layerws",
              "logits/loss": "loss", "tp all-gather": "tp-ag", "fsdp unsharded root": "fsdp-rt",
              "fsdp block gathers": "fsdp-blk", "weight copies": "wcopies"}
-    cols = ["policy".ljust(40)] + [short.get(k, k)[:8].rjust(8) for k in keys] + \
-           ["GPU GiB".rjust(8), "host GiB".rjust(8), "peak at".ljust(22), " fits"]
+    cols = ["policy".ljust(44)] + [short.get(k, k)[:8].rjust(8) for k in keys] + \
+           ["GPU GiB".rjust(8), "host GiB".rjust(8), "step s".rjust(9), "ideal s".rjust(9), "peak at".ljust(22), " fits"]
     lines = [head, "", " ".join(cols)]
-    for e in p.rows:
-        if e is not p.chosen and e.policy.offload_fraction not in SHOWN_FRACTIONS:
-            continue  # the fine offload steps between quarters: only the chosen one is shown
-        fits = e.gpu_total <= usable(p.budget) and e.host_total <= p.host_budget
-        mark = " <- chosen" if e is p.chosen else ("  yes" if fits else "  no")
+    for e in rows:
+        mark = " <- chosen" if e is p.chosen else ("  yes" if fits(e, p) else "  no")
         vals = [_gib(e.gpu.get(k, 0)) for k in keys]
-        lines.append(" ".join([e.policy.name.ljust(40)] + vals +
-                              [_gib(e.gpu_total), _gib(e.host_total), e.phase.ljust(22), mark]))
-    lines.append(f"\nterms at the moment of each row's peak (see longtrain.memory.planner's docstring); "
-                 f"offload fractions are tried in steps of 1/{OFFLOAD_STEPS}, quarters shown")
+        lines.append(" ".join([e.policy.name.ljust(44)] + vals +
+                              [_gib(e.gpu_total), _gib(e.host_total), f"{e.time.total:9.2f}",
+                               f"{e.time.ideal:9.2f}", e.phase.ljust(22), mark]))
+    if p.chosen is not None:
+        terms = ", ".join(f"{k} {v:.2f}" for k, v in p.chosen.time.terms.items())
+        lines.append(f"\nchosen step, by term (s): {terms}; kernel-bound ideal (no recomputation, "
+                     f"communication or offload) {p.chosen.time.ideal:.2f} s")
+    lines.append(f"\nmemory terms at the moment of each row's peak (longtrain.memory.planner's docstring); "
+                 f"step s from longtrain.memory.step_time (H200 rates; its error against measured steps: "
+                 f"longtrain plan --check-time). Of each policy family the fastest fitting offload fraction "
+                 f"(steps of 1/{OFFLOAD_STEPS}) is shown, else the leanest.")
     if p.chosen is None:
         lines.append("nothing fits; see the error for what to change.")
+    return "\n".join(lines)
+
+
+def time_model_error(rates: Rates = H200) -> list[tuple]:
+    """(measured row, predicted seconds, relative error) for every step in ``step_time.MEASURED``:
+    the config at that length and layout, the row's policy with this planner's tiling sizes, and
+    the planner's own estimate of what it offloads."""
+    out = []
+    for row in MEASURED:
+        cfg = load_config(row.config, [f"data.seq_len={row.seq_len}", f"parallel.sp={row.sp}",
+                                       "schedule.dtype=bf16", "data.batch_size=1", "schedule.grad_accum=1",
+                                       f"model.max_seq_len={max(row.seq_len, 131072)}"])
+        lay = layout_from(cfg, row.sp)
+        mlp, loss = tiling_sizes(cfg, lay)
+        fields = dict(row.policy)
+        for key, size in (("tiled_loss", loss), ("tiled_mlp", mlp)):
+            if fields.get(key):
+                fields[key] = size
+        e = estimate(cfg, lay, Policy(**fields), rates)
+        out.append((row, e.time.total, (e.time.total - row.seconds) / row.seconds))
+    return out
+
+
+def format_time_model_error(rows: list) -> str:
+    lines = [f"{'measured step (docs/performance.md)':58s} {'measured s':>10s} {'model s':>9s} {'error':>7s}"]
+    for row, p, err in rows:
+        lines.append(f"{row.describe():58s} {row.seconds:10.2f} {p:9.2f} {err:+7.1%}")
+    errs = [abs(e) for _, _, e in rows]
+    lines.append(f"mean |error| {sum(errs) / len(errs):.1%}, largest {max(errs):.1%} over {len(rows)} steps")
     return "\n".join(lines)
 
 

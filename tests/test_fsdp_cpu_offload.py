@@ -89,16 +89,17 @@ def test_a_checkpoint_written_with_it_resumes_bit_exactly_and_loads_without_it(t
     assert len(later) == 2 and all(abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"] for a, b in later), later
 
 
-def test_the_planner_puts_it_last_and_picks_it_where_nothing_else_fits():
+def test_the_planner_counts_it_the_most_machinery_and_picks_it_where_nothing_else_fits():
     from longtrain.config import load_config
-    from longtrain.memory.planner import candidate_policies, layout_from, longest_seq_len, plan, usable
+    from longtrain.memory.planner import candidate_policies, layout_from, longest_seq_len, machinery, plan, usable
 
     cfg = load_config("llama3.2-1b", ["schedule.dtype=bf16", "memory.policy=auto", "memory.host_budget_gb=100",
                                       "memory.gpu_budget_gb=16", "data.seq_len=196608"])
     lay = layout_from(cfg, 1)
     ladder = candidate_policies(cfg, lay)
-    first = next(i for i, p in enumerate(ladder) if p.fsdp_cpu_offload)
-    assert all(p.fsdp_cpu_offload for p in ladder[first:]) and not ladder[first].optimizer_offload
+    by_machinery = sorted(ladder, key=machinery)
+    first = next(i for i, p in enumerate(by_machinery) if p.fsdp_cpu_offload)
+    assert all(p.fsdp_cpu_offload for p in by_machinery[first:]) and not by_machinery[first].optimizer_offload
     p = plan(cfg, 1)
     assert p.chosen is not None and p.chosen.policy.fsdp_cpu_offload, p.chosen and p.chosen.policy.name
     # no optimizer-offload rung fits this length (measured on an H200 capped at 16 GiB: those
