@@ -677,10 +677,11 @@ TIE_FRACTION = 0.03
 
 def machinery(pol: Policy) -> tuple:
     """How much a policy changes the plain step, most disruptive first: state on the host, then
-    activation offload, the tiled MLP, recompute_loops, the recomputation, the tiled loss."""
+    activation offload, the tiled MLP, recompute_loops, the recomputation, the tiled loss. The
+    offload fraction is not machinery: among tied fractions ``plan`` keeps the most GPU headroom
+    (offload rows measured up to 12% above their estimate; docs/performance.md)."""
     return (pol.fsdp_cpu_offload, pol.optimizer_offload, pol.offload_fraction > 0, pol.tiled_mlp > 0,
-            pol.recompute_loops, ("none", "selective", "full").index(pol.recompute), pol.offload_fraction,
-            pol.tiled_loss > 0)
+            pol.recompute_loops, ("none", "selective", "full").index(pol.recompute), pol.tiled_loss > 0)
 
 
 def plan(cfg: Config, world=None, rates: Rates = H200) -> Plan:
@@ -695,7 +696,7 @@ def plan(cfg: Config, world=None, rates: Rates = H200) -> Plan:
     if fitting:
         fastest = min(e.time.total for e in fitting)
         ties = [e for e in fitting if e.time.total <= fastest * (1 + TIE_FRACTION)]
-        out.chosen = min(ties, key=lambda e: machinery(e.policy))
+        out.chosen = min(ties, key=lambda e: (machinery(e.policy), e.gpu_total))
     return out
 
 

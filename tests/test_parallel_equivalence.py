@@ -41,6 +41,10 @@ LOOPED = ["model.arch=looped", "model.vocab_size=64", "model.dim=32", "model.n_h
 # every memory policy at once (full recompute, half the layer inputs offloaded, tiled MLP and loss)
 POLICIES = ["memory.recompute=full", "memory.offload=true", "memory.offload_fraction=0.5", "memory.tiled_mlp=2",
             "memory.tiled_loss=8"]
+# what the planner picks for long sequences where the host has room: selective recomputation with
+# what it keeps (block inputs and attention outputs) offloaded token-wise
+SELECTIVE_OFFLOAD = ["memory.recompute=selective", "memory.offload=true", "memory.offload_fraction=0.5",
+                     "memory.tiled_loss=8"]
 
 
 def make_config(model: list[str], parallel: dict, seq_len: int = 32):
@@ -208,6 +212,7 @@ LAYOUTS = {
     # get each tp rank's sequence shard, which the projections gather chunk by chunk; offload
     # moves tensor-parallel outputs that are still async-collective wrappers
     "tp2_memory_policies": (LLAMA + POLICIES, {"tp": 2}, 2),
+    "sp2_selective_offload": (LLAMA + SELECTIVE_OFFLOAD, {"sp": 2}, 2),
     "tp2_sp2_memory_policies": (LLAMA + POLICIES, {"tp": 2, "sp": 2}, 4),
     "looped_lora_concat_tp2_sp2_memory_policies": (LOOPED + POLICIES, {"tp": 2, "sp": 2}, 4),
 }
