@@ -272,7 +272,7 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
     from longtrain.models.attention import describe_backends
 
     rec["attention_backend"] = describe_backends(cfg.model.attn_backend, dims.device)
-    rec["configuration"] = describe_configuration(cfg, dims)
+    rec["configuration"] = describe_configuration(cfg, dims, args.policy)
     writer.write()
     common.log(f"setup {setup_s:.1f} s; {dims.describe()}; {rec.get('attention_backend', '')}; "
                f"memory policy: {dataclasses.asdict(cfg.memory)}", rank)
@@ -380,10 +380,12 @@ def measure_kernel_rates(cfg, rank: int) -> dict:
     return rates
 
 
-def describe_configuration(cfg, dims) -> str:
-    """One line naming what this run used: parallel layout and the memory policy it resolved to."""
+def describe_configuration(cfg, dims, requested_policy: str | None = None) -> str:
+    """One line naming what this run used: parallel layout and the memory policy it resolved to
+    (``requested_policy``: --policy, so a planner's pick says so)."""
     mem = cfg.memory
-    parts = [f"sp={dims.sp_size} dp={dims.dp_size}", f"policy={mem.policy}", f"recompute={mem.recompute}"]
+    pol = {"auto": "auto (planner's pick)", "leanest": "leanest (forced)"}.get(requested_policy, mem.policy)
+    parts = [f"sp={dims.sp_size} dp={dims.dp_size}", f"policy={pol}", f"recompute={mem.recompute}"]
     if mem.recompute_layers:
         parts.append(f"layers={','.join(map(str, mem.recompute_layers))}")
     if mem.offload:
