@@ -526,19 +526,35 @@ def kernel_rates(device, n_heads: int, n_kv_heads: int, head_dim: int, attn_back
 
     import contextlib
 
-    ctx = contextlib.nullcontext()
-    if attn_backend in _SDPA_BACKENDS:
+    def ctx():  # a fresh one per use: sdpa_kernel is a one-shot context manager
+        if attn_backend not in _SDPA_BACKENDS:
+            return contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        ctx = sdpa_kernel([getattr(SDPBackend, _SDPA_BACKENDS[attn_backend])])
+        return sdpa_kernel([getattr(SDPBackend, _SDPA_BACKENDS[attn_backend])])
+
+    fwd = 4 * attn_seq * attn_seq * n_heads * head_dim / 2  # causal: the lower triangle
     try:
-        with ctx:
+        with ctx():
             dt = _time_cuda(attn, reps, device)
-        fwd = 4 * attn_seq * attn_seq * n_heads * head_dim / 2  # causal: the lower triangle
         out["attention_flops"] = 3 * fwd / dt
-    except RuntimeError as e:  # the pinned kernel refuses this shape: say so rather than guess
-        out["attention_flops"] = None
-        out["attention_error"] = short_error(e, 300)
+    except RuntimeError as e:
+        if not gqa:  # the pinned kernel refuses this shape: say so rather than guess
+            out["attention_flops"] = None
+            out["attention_error"] = short_error(e, 300)
+        else:  # a kernel without GQA support: the same FLOPs with K/V expanded to every head
+            out["attention_gqa_note"] = f"enable_gqa refused ({short_error(e, 200)}); K/V expanded"
+            rep = n_heads // n_kv_heads
+            k = k.detach().repeat_interleave(rep, dim=1).requires_grad_()
+            v = v.detach().repeat_interleave(rep, dim=1).requires_grad_()
+            gqa = False
+            try:
+                with ctx():
+                    dt = _time_cuda(attn, reps, device)
+                out["attention_flops"] = 3 * fwd / dt
+            except RuntimeError as e2:
+                out["attention_flops"] = None
+                out["attention_error"] = short_error(e2, 300)
     del q, k, v, go
     torch.cuda.empty_cache()
     out["measure_s"] = time.perf_counter() - t0
