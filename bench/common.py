@@ -27,6 +27,7 @@ The idea: bench_train.py (longtrain) and alst_baseline.py (DeepSpeed ALST) write
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -501,7 +502,6 @@ def kernel_rates(device, n_heads: int, n_kv_heads: int, head_dim: int, attn_back
     ``default`` lets PyTorch choose (one rate per SDPA call of shape [1, H, S, D], GQA through
     ``enable_gqa``)."""
     import torch
-    import torch.nn.functional as F
 
     if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
         return {"skipped": "no GPU"}
@@ -509,56 +509,63 @@ def kernel_rates(device, n_heads: int, n_kv_heads: int, head_dim: int, attn_back
     out: dict = {"attention_backend": attn_backend, "attention_shape": {"heads": n_heads, "kv_heads": n_kv_heads,
                                                                       "head_dim": head_dim, "seq": attn_seq},
                  "matmul_n": mm_n}
-    a = torch.randn(mm_n, mm_n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(mm_n, mm_n, device=device, dtype=torch.bfloat16)
-    dt = _time_cuda(lambda: torch.mm(a, b), max(reps, 10), device)
-    out["matmul_flops"] = 2 * mm_n ** 3 / dt
-    del a, b
-    q = torch.randn(1, n_heads, attn_seq, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(1, n_kv_heads, attn_seq, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(1, n_kv_heads, attn_seq, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
-    go = torch.randn(1, n_heads, attn_seq, head_dim, device=device, dtype=torch.bfloat16)
-    gqa = n_heads != n_kv_heads
-
-    def attn():
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        y.backward(go)
-
-    import contextlib
-
-    def ctx():  # a fresh one per use: sdpa_kernel is a one-shot context manager
-        if attn_backend not in _SDPA_BACKENDS:
-            return contextlib.nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel([getattr(SDPBackend, _SDPA_BACKENDS[attn_backend])])
-
-    fwd = 4 * attn_seq * attn_seq * n_heads * head_dim / 2  # causal: the lower triangle
-    try:
-        with ctx():
-            dt = _time_cuda(attn, reps, device)
-        out["attention_flops"] = 3 * fwd / dt
-    except RuntimeError as e:
-        if not gqa:  # the pinned kernel refuses this shape: say so rather than guess
-            out["attention_flops"] = None
-            out["attention_error"] = short_error(e, 300)
-        else:  # a kernel without GQA support: the same FLOPs with K/V expanded to every head
-            out["attention_gqa_note"] = f"enable_gqa refused ({short_error(e, 200)}); K/V expanded"
-            rep = n_heads // n_kv_heads
-            k = k.detach().repeat_interleave(rep, dim=1).requires_grad_()
-            v = v.detach().repeat_interleave(rep, dim=1).requires_grad_()
-            gqa = False
-            try:
-                with ctx():
-                    dt = _time_cuda(attn, reps, device)
-                out["attention_flops"] = 3 * fwd / dt
-            except RuntimeError as e2:
-                out["attention_flops"] = None
-                out["attention_error"] = short_error(e2, 300)
-    del q, k, v, go
+    out["matmul_flops"] = _matmul_rate(device, mm_n, max(reps, 10))
+    torch.cuda.empty_cache()
+    out.update(_attention_rate(device, n_heads, n_kv_heads, head_dim, attn_backend, attn_seq, reps))
     torch.cuda.empty_cache()
     out["measure_s"] = time.perf_counter() - t0
     return out
+
+
+def _matmul_rate(device, n: int, reps: int) -> float:
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2 * n ** 3 / _time_cuda(lambda: torch.mm(a, b), reps, device)
+
+
+def _attention_rate(device, n_heads: int, n_kv_heads: int, head_dim: int, backend: str, seq: int,
+                    reps: int) -> dict:
+    """``{"attention_flops": rate}`` of causal SDPA forward + backward (3 x forward FLOPs); when the
+    kernel refuses ``enable_gqa``, the same FLOPs with K/V expanded to every head (noted)."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    def ctx():  # a fresh one per use: sdpa_kernel is a one-shot context manager
+        if backend not in _SDPA_BACKENDS:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([getattr(SDPBackend, _SDPA_BACKENDS[backend])])
+
+    def rate(kv_heads: int) -> float:
+        mk = functools.partial(torch.randn, device=device, dtype=torch.bfloat16)
+        q = mk(1, n_heads, seq, head_dim).requires_grad_()
+        k = mk(1, kv_heads, seq, head_dim).requires_grad_()
+        v = mk(1, kv_heads, seq, head_dim).requires_grad_()
+        go = mk(1, n_heads, seq, head_dim)
+        gqa = n_heads != kv_heads
+
+        def fwd_bwd():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).backward(go)
+
+        with ctx():
+            dt = _time_cuda(fwd_bwd, reps, device)
+        return 3 * (4 * seq * seq * n_heads * head_dim / 2) / dt  # causal: the lower triangle
+
+    try:
+        return {"attention_flops": rate(n_kv_heads)}
+    except RuntimeError as e:
+        if n_kv_heads == n_heads:  # the pinned kernel refuses this shape: say so rather than guess
+            return {"attention_flops": None, "attention_error": short_error(e, 300)}
+        note = f"enable_gqa refused ({short_error(e, 200)}); K/V expanded to {n_heads} heads"
+    try:
+        return {"attention_flops": rate(n_heads), "attention_gqa_note": note}
+    except RuntimeError as e:
+        return {"attention_flops": None, "attention_error": short_error(e, 300), "attention_gqa_note": note}
 
 
 def ideal_step(model_cfg, seq_len: int, tokens_per_step: int, world: int, rates: dict) -> dict:

@@ -155,6 +155,21 @@ def test_ideal_step_is_model_flops_at_the_measured_rates():
     assert common.ideal_step(m, seq, seq, world, {"skipped": "no GPU"})["skipped"] == "no GPU"
 
 
+def test_kernel_rate_helpers_count_flops_and_fall_back_from_gqa(monkeypatch):
+    # the timing is CUDA events on a GPU; here a fixed 10 ms per call, so the rates are FLOPs / 10 ms
+    import torch
+
+    monkeypatch.setattr(common, "_time_cuda", lambda fn, reps, device: (fn(), 0.01)[1])
+    cpu = torch.device("cpu")
+    assert common._matmul_rate(cpu, 64, 1) == pytest.approx(2 * 64 ** 3 / 0.01)
+    r = common._attention_rate(cpu, 4, 2, 16, "math", 64, 1)
+    assert r == {"attention_flops": pytest.approx(3 * 4 * 64 * 64 * 4 * 16 / 2 / 0.01)}
+    # a pinned kernel that refuses the call (cuDNN has no CPU kernel): said, not guessed
+    r = common._attention_rate(cpu, 4, 2, 16, "cudnn", 64, 1)
+    assert r["attention_flops"] is None and "attention_error" in r and "K/V expanded" in r["attention_gqa_note"]
+    assert common.kernel_rates(cpu, 4, 2, 16) == {"skipped": "no GPU"}
+
+
 def test_table_prints_each_configuration_and_the_step_time_over_longtrains():
     recs = [{"system": "longtrain", "config": "llama3-8b", "seq_len": 131072, "status": "ok",
              "step_time_s_median": 20.0, "configuration": "sp=2 policy=auto"},
