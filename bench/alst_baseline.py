@@ -271,7 +271,7 @@ def _is_active(ds_ctx) -> bool:
 
 
 def _sdpa_ctx(name: str):
-    if name in ("default", "math"):
+    if name == "default":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
