@@ -435,6 +435,7 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
                f"sp={sp} dp={dp} seq_len={seq_len} offload_param={offload_param} act_offload={act_offload}", rank)
     writer.enabled = writer.enabled and rank == 0
 
+    rec["cpu_adam_build_s"] = None  # built for the CPU optimizer only
     if args.optimizer == "cpu":
         common.log("building DeepSpeedCPUAdam (JIT; first time on a machine takes 1-2 min)", rank)
         rec["cpu_adam_build_s"] = build_cpu_adam()
