@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc-masking", action="store_true",
                    help="packed documents with block-diagonal attention (default off: plain causal "
                         "attention over the whole sequence, as the ALST baseline computes)")
+    p.add_argument("--no-kernel-rates", action="store_true",
+                   help="skip the matmul and attention microbenchmarks at start (the ideal step time)")
     common.add_gpu_cap_arg(p)
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides (applied last)")
     return p
@@ -208,20 +210,9 @@ def _plan_to_dict(res) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _clip(model, cfg, dims):
-    try:
-        from longtrain.parallel.reduce import clip_grad_norm_
-    except ImportError:  # parallel/ not landed: a single process clips locally
-        import torch
-
-        if dims.world_size > 1:
-            raise
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-    return clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, dims)
-
-
 def make_step(cfg, dims, model, optimizer, scheduler, loader, timings: dict):
     from longtrain.models import sample_loops
+    from longtrain.parallel.reduce import clip_grad_norm_
     from longtrain.trainer.step import forward_backward
 
     looped = cfg.model.arch == "looped"
@@ -233,7 +224,7 @@ def make_step(cfg, dims, model, optimizer, scheduler, loader, timings: dict):
         t1 = time.perf_counter()
         n_loops = sample_loops(cfg.model, state["step"], cfg.schedule.seed, training=True) if looped else None
         loss, n_tok = forward_backward(model, batches, dims, cfg, n_loops)
-        _clip(model, cfg, dims)
+        clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, dims)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -266,6 +257,8 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
         on_gpu = cfg.schedule.device != "cpu" and torch.cuda.is_available()
         local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
         rec.update(common.apply_gpu_cap(args.gpu_cap_gb, local))
+    if not args.no_kernel_rates:
+        rec["kernel_rates"] = measure_kernel_rates(cfg, rank)
     t0 = time.perf_counter()
     cfg, dims, model, optimizer, scheduler, loader, _ = setup(cfg)
     setup_s = time.perf_counter() - t0
@@ -276,12 +269,10 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
                world_size=dims.world_size, sp=dims.sp_size, dp=dims.dp_size,
                resolved_memory=dataclasses.asdict(cfg.memory), parallel=dims.describe(),
                local_params=n_params)
-    try:
-        from longtrain.models.attention import describe_backends
+    from longtrain.models.attention import describe_backends
 
-        rec["attention_backend"] = describe_backends(cfg.model.attn_backend, dims.device)
-    except Exception:  # noqa: BLE001 - informational
-        pass
+    rec["attention_backend"] = describe_backends(cfg.model.attn_backend, dims.device)
+    rec["configuration"] = describe_configuration(cfg, dims, args.policy)
     writer.write()
     common.log(f"setup {setup_s:.1f} s; {dims.describe()}; {rec.get('attention_backend', '')}; "
                f"memory policy: {dataclasses.asdict(cfg.memory)}", rank)
@@ -345,6 +336,7 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
     rec["peak_host_rss_gib_all_ranks"] = rss
     rec["peak_host_rss_gib"] = max(rss)
     rec["peak_host_rss_gib_sum_ranks"] = sum(rss)
+    common.add_ideal(rec, cfg.model, dims.world_size)
     if plan is not None and plan.get("peak_gib") is not None and rec.get("peak_gpu_mem_gib") is not None:
         plan["measured_peak_gib"] = rec["peak_gpu_mem_gib"]
         plan["estimate_over_measured"] = plan["peak_gib"] / max(rec["peak_gpu_mem_gib"], 1e-9)
@@ -352,6 +344,7 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
     writer.write()
     if dims.is_main:
         common.print_profile(prof or {})
+        common.print_ideal(rec)
         if plan is not None:
             est, meas = plan.get("peak_gib"), rec.get("peak_gpu_mem_gib")
             print(f"[bench] planner estimate {'-' if est is None else f'{est:.2f}'} GiB vs measured peak "
@@ -361,6 +354,53 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
                 print(f"    {k:20s} {v:8.2f} GiB", flush=True)
         common.print_table([rec])
     return rec
+
+
+def measure_kernel_rates(cfg, rank: int) -> dict:
+    """The matmul and causal attention rates on this GPU, before the model takes its memory: the
+    attention kernel plain causal attention resolves to, at the per-GPU head shape (Ulysses: heads / sp
+    over the whole sequence)."""
+    import torch
+
+    from longtrain.models.attention import select_backend
+
+    on_gpu = cfg.schedule.device != "cpu" and torch.cuda.is_available()
+    if not on_gpu:
+        return {"skipped": "no GPU"}
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    m, sp = cfg.model, max(1, cfg.parallel.sp)
+    backend = select_backend(m.attn_backend, device, has_docs=cfg.data.doc_masking)
+    sdpa = {"sdpa": "default", "sdpa_cudnn": "cudnn", "sdpa_flash": "flash", "sdpa_math": "math"}.get(backend)
+    if sdpa is None:
+        return {"skipped": f"attention backend {backend} has no microbenchmark here (SDPA kernels only)"}
+    rates = common.kernel_rates(device, max(1, m.n_heads // sp), max(1, m.n_kv_heads // sp), m.head_dim,
+                                attn_backend=sdpa, attn_seq=min(cfg.data.seq_len, 32768))
+    common.log(f"kernel rates: {rates}", rank)
+    return rates
+
+
+def describe_configuration(cfg, dims, requested_policy: str | None = None) -> str:
+    """One line naming what this run used: parallel layout and the memory policy it resolved to
+    (``requested_policy``: --policy, so a planner's pick says so)."""
+    mem = cfg.memory
+    pol = {"auto": "auto (planner's pick)", "leanest": "leanest (forced)"}.get(requested_policy, mem.policy)
+    parts = [f"sp={dims.sp_size} dp={dims.dp_size}", f"policy={pol}", f"recompute={mem.recompute}"]
+    if mem.recompute_layers:
+        parts.append(f"layers={','.join(map(str, mem.recompute_layers))}")
+    if mem.offload:
+        parts.append(f"act_offload={mem.offload_fraction:g}")
+    if mem.tiled_mlp:
+        parts.append(f"tiled_mlp={mem.tiled_mlp}")
+    if mem.tiled_loss:
+        parts.append(f"tiled_loss={mem.tiled_loss}")
+    parts.append("opt=cpu" if mem.optimizer_offload else "opt=gpu")
+    if mem.fsdp_cpu_offload:
+        parts.append("fsdp_cpu_offload")
+    from longtrain.models.attention import select_backend
+
+    parts.append(f"attn={select_backend(cfg.model.attn_backend, dims.device, has_docs=cfg.data.doc_masking)}")
+    return " ".join(parts)
 
 
 def _fill_rates(rec, times, tokens_per_step, fpt, fpt_c, peak, world) -> None:

@@ -14,7 +14,12 @@ Owns:
   as a share of the step, both summed per kernel and as the union of intervals (streams overlap,
   so the sums can exceed the step), plus the communication time no compute kernel overlaps;
 - ``is_oom``: one test for "this configuration does not fit", whatever layer raised it;
-- ``print_table``: the one-screen comparison of several result files.
+- ``kernel_rates`` / ``ideal_step``: the kernel-bound ideal step, from the bf16 matmul rate and the
+  causal attention rate measured in the same process at start (no recomputation, no waits);
+  ``step_breakdown``: the profiled step's time split into attention, matmuls, recomputation,
+  collectives, optimizer, offload copies and idle GPU;
+- ``print_table``: the one-screen comparison of several result files, each run's configuration and
+  its step time over longtrain's at the same model and length.
 
 The idea: bench_train.py (longtrain) and alst_baseline.py (DeepSpeed ALST) write the same schema
 (``SCHEMA_KEYS``) so one table compares them, and longest_seq.py reads only ``status``.
@@ -22,6 +27,7 @@ The idea: bench_train.py (longtrain) and alst_baseline.py (DeepSpeed ALST) write
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -44,7 +50,7 @@ SCHEMA_KEYS = (
     "flops_per_token_causal", "peak_flops", "peak_flops_source", "peak_gpu_mem_gib",
     "peak_gpu_mem_gib_all_ranks", "peak_gpu_reserved_gib", "alloc_retries", "peak_host_rss_gib",
     "peak_host_rss_gib_sum_ranks", "profile", "loss", "setup_s", "device", "torch", "host", "date",
-    "command",
+    "command", "configuration", "kernel_rates", "ideal", "step_breakdown",
 )
 
 
@@ -231,6 +237,18 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def ensure_launcher_env() -> None:
+    """A bare ``python script.py`` is a world of one: the environment torchrun would set, on a free
+    port (DeepSpeed would otherwise try MPI discovery; torch.distributed needs the variables)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 # --------------------------------------------------------------------------------------------
 # Failure classification
 # --------------------------------------------------------------------------------------------
@@ -284,7 +302,14 @@ CATEGORIES = (
                              r"attention|mha_|_attn_|triton_tem_fused", re.I)),
     ("offload_dtoh", re.compile(r"memcpy.*dtoh|memcpy.*device\s*->\s*pinned|memcpy.*device\s*->\s*pageable", re.I)),
     ("offload_htod", re.compile(r"memcpy.*htod|memcpy.*pinned\s*->\s*device|memcpy.*pageable\s*->\s*device", re.I)),
+    # the optimizer's own kernels (torch fused/foreach AdamW, DeepSpeed FusedAdam); gradient clipping's
+    # foreach norm kernels stay in "other"
+    ("optimizer", re.compile(r"adam", re.I)),
+    # cuBLAS / CUTLASS GEMMs (Hopper: nvjet_*, sm90_xmma_gemm_*, cutlass3x_sm90_*gemm*)
+    ("matmul", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|wgmma", re.I)),
 )
+_CATS = ("attention", "matmul", "communication", "optimizer", "offload_dtoh", "offload_htod", "memcpy_other",
+         "other")
 _NCCL_OP = re.compile(r"nccl(?:Dev)?Kernel_([A-Za-z]+)")
 # a kernel counted as "compute" (for the exposed-communication figure) is anything on the GPU that
 # is neither communication nor a host<->device copy
@@ -342,10 +367,15 @@ def summarize_trace(trace_path: str, step_time_s: float) -> dict:
     top: dict = {}
     comm_ops: dict = {}  # SendRecv = all-to-all (Ulysses); AllGather/ReduceScatter = FSDP/ZeRO-3
     n = 0
+    opt_host: list = []  # host spans of torch.optim steps ("Optimizer.step#AdamW.step"): a CPU optimizer's time
     for ev in events:
         if ev.get("ph") != "X":
             continue
         cat = str(ev.get("cat", "")).lower()
+        if cat == "user_annotation" and str(ev.get("name", "")).startswith("Optimizer.step#"):
+            ts = float(ev.get("ts", 0.0)) * 1e-6
+            opt_host.append((ts, ts + float(ev.get("dur", 0.0)) * 1e-6))
+            continue
         if cat not in ("kernel", "gpu_memcpy", "gpu_memset"):
             continue
         name = str(ev.get("name", ""))
@@ -371,7 +401,7 @@ def summarize_trace(trace_path: str, step_time_s: float) -> dict:
     def share(x):
         return (x / denom) if denom else None
 
-    cats = ["attention", "communication", "offload_dtoh", "offload_htod", "memcpy_other", "other"]
+    cats = list(_CATS)
     out = {
         "step_time_s": step_time_s,
         "n_gpu_events": n,
@@ -384,6 +414,7 @@ def summarize_trace(trace_path: str, step_time_s: float) -> dict:
         "exposed_communication_s": exposed_comm,
         "exposed_communication_share": share(exposed_comm),
         "top_kernels": sorted(({"name": k, "s": v} for k, v in top.items()), key=lambda d: -d["s"])[:15],
+        "optimizer_host_s": _length(_union(opt_host)),
     }
     off = per_cat.get("offload_dtoh", 0.0) + per_cat.get("offload_htod", 0.0)
     out["attention_share"] = share(per_cat.get("attention", 0.0))
@@ -435,6 +466,192 @@ def median(xs: list) -> Optional[float]:
 
 
 # --------------------------------------------------------------------------------------------
+# The kernel-bound ideal: what a step would take at the kernels' own rates
+# --------------------------------------------------------------------------------------------
+
+_SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                  "math": "MATH"}
+
+
+def _time_cuda(fn, reps: int, device) -> float:
+    """Median seconds of ``fn()`` over ``reps`` runs, each timed with CUDA events (after one warm run)."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e-3)
+    return statistics.median(times)
+
+
+def kernel_rates(device, n_heads: int, n_kv_heads: int, head_dim: int, attn_backend: str = "cudnn",
+                 attn_seq: int = 32768, mm_n: int = 8192, reps: int = 5) -> dict:
+    """The bf16 matmul rate (``mm_n``^3 products, random data) and the causal attention forward +
+    backward rate of the kernel a run uses, at its per-GPU head shape, measured here (CUDA events,
+    median of ``reps``). Attention FLOPs follow trainer/metrics.py (training = 3 x forward, forward =
+    4·S²·H·D halved for causal), so ideal times computed from these rates and that module's counts
+    are in one convention. About a second on an H200; ``{"skipped": ...}`` without a GPU.
+
+    ``attn_backend``: ``cudnn`` / ``flash`` / ``efficient`` / ``math`` pins PyTorch SDPA's kernel,
+    ``default`` lets PyTorch choose (one rate per SDPA call of shape [1, H, S, D], GQA through
+    ``enable_gqa``)."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
+        return {"skipped": "no GPU"}
+    t0 = time.perf_counter()
+    out: dict = {"attention_backend": attn_backend, "attention_shape": {"heads": n_heads, "kv_heads": n_kv_heads,
+                                                                      "head_dim": head_dim, "seq": attn_seq},
+                 "matmul_n": mm_n}
+    out["matmul_flops"] = _matmul_rate(device, mm_n, max(reps, 10))
+    torch.cuda.empty_cache()
+    out.update(_attention_rate(device, n_heads, n_kv_heads, head_dim, attn_backend, attn_seq, reps))
+    torch.cuda.empty_cache()
+    out["measure_s"] = time.perf_counter() - t0
+    return out
+
+
+def _matmul_rate(device, n: int, reps: int) -> float:
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2 * n ** 3 / _time_cuda(lambda: torch.mm(a, b), reps, device)
+
+
+def _attention_rate(device, n_heads: int, n_kv_heads: int, head_dim: int, backend: str, seq: int,
+                    reps: int) -> dict:
+    """``{"attention_flops": rate}`` of causal SDPA forward + backward (3 x forward FLOPs); when the
+    kernel refuses ``enable_gqa``, the same FLOPs with K/V expanded to every head (noted)."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    def ctx():  # a fresh one per use: sdpa_kernel is a one-shot context manager
+        if backend not in _SDPA_BACKENDS:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([getattr(SDPBackend, _SDPA_BACKENDS[backend])])
+
+    def rate(kv_heads: int) -> float:
+        mk = functools.partial(torch.randn, device=device, dtype=torch.bfloat16)
+        q = mk(1, n_heads, seq, head_dim).requires_grad_()
+        k = mk(1, kv_heads, seq, head_dim).requires_grad_()
+        v = mk(1, kv_heads, seq, head_dim).requires_grad_()
+        go = mk(1, n_heads, seq, head_dim)
+        gqa = n_heads != kv_heads
+
+        def fwd_bwd():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).backward(go)
+
+        with ctx():
+            dt = _time_cuda(fwd_bwd, reps, device)
+        return 3 * (4 * seq * seq * n_heads * head_dim / 2) / dt  # causal: the lower triangle
+
+    try:
+        return {"attention_flops": rate(n_kv_heads)}
+    except RuntimeError as e:
+        if n_kv_heads == n_heads:  # the pinned kernel refuses this shape: say so rather than guess
+            return {"attention_flops": None, "attention_error": short_error(e, 300)}
+        note = f"enable_gqa refused ({short_error(e, 200)}); K/V expanded to {n_heads} heads"
+    try:
+        return {"attention_flops": rate(n_heads), "attention_gqa_note": note}
+    except RuntimeError as e:
+        return {"attention_flops": None, "attention_error": short_error(e, 300), "attention_gqa_note": note}
+
+
+def ideal_step(model_cfg, seq_len: int, tokens_per_step: int, world: int, rates: dict) -> dict:
+    """Seconds a step would take if every GPU did only the model's FLOPs (no recomputation) at the
+    measured kernel rates: matmul FLOPs / matmul rate + causal attention FLOPs / attention rate, per
+    GPU (the work of ``tokens_per_step`` tokens split over ``world`` GPUs). FLOP counts:
+    ``trainer/metrics.py`` (``flops_per_token``, ``matmul_params_per_token``)."""
+    from longtrain.trainer.metrics import flops_per_token, matmul_params_per_token
+
+    mm_fpt = 6.0 * matmul_params_per_token(model_cfg)  # forward + backward = 3 x (2 per weight)
+    attn_fpt = flops_per_token(model_cfg, seq_len, causal=True) - mm_fpt
+    out = {"matmul_flops_per_token": mm_fpt, "attention_flops_per_token_causal": attn_fpt}
+    if not rates or rates.get("skipped") or not rates.get("matmul_flops") or not rates.get("attention_flops"):
+        out["skipped"] = (rates or {}).get("skipped") or (rates or {}).get("attention_error") or "no rates"
+        return out
+    per_gpu = tokens_per_step / world
+    out["matmul_s"] = per_gpu * mm_fpt / rates["matmul_flops"]
+    out["attention_s"] = per_gpu * attn_fpt / rates["attention_flops"]
+    out["step_s"] = out["matmul_s"] + out["attention_s"]
+    return out
+
+
+def step_breakdown(prof: dict, ideal: Optional[dict]) -> dict:
+    """Shares of the profiled step (each its kernels' summed time / the step's wall time; streams
+    overlap, so they can add past 1):
+
+    - ``attention``, ``matmul``: kernel time (recomputed forwards included);
+    - ``recompute_est``: attention + matmul kernel time beyond the ideal's (the model's FLOPs at the
+      microbenchmark rates): recomputation, plus kernels running below their microbenchmark rate;
+    - ``all_to_all``: NCCL SendRecv/AllToAll (Ulysses' all-to-all, ring attention's send/recv);
+      ``collectives``: the other NCCL kernels (FSDP/ZeRO gathers and reductions);
+      ``exposed_communication``: NCCL time no compute kernel overlaps;
+    - ``optimizer``: the optimizer's GPU kernels, or its host span where that is longer (a CPU Adam);
+    - ``offload``: device<->host copies;
+    - ``gpu_idle``: wall time with no kernel or copy on the GPU (host-bound work, waits)."""
+    if not prof or "skipped" in prof or not prof.get("step_time_s"):
+        return {}
+    st = prof["step_time_s"]
+    k = prof["kernel_time_s"]
+    by_op = prof.get("communication_by_op_s") or {}
+    a2a = sum(v for op, v in by_op.items() if op.lower() in ("sendrecv", "alltoall", "send", "recv"))
+    out = {
+        "attention": k.get("attention", 0.0) / st,
+        "matmul": k.get("matmul", 0.0) / st,
+        "all_to_all": a2a / st,
+        "collectives": max(0.0, k.get("communication", 0.0) - a2a) / st,
+        "exposed_communication": prof.get("exposed_communication_s", 0.0) / st,
+        "optimizer": max(k.get("optimizer", 0.0), prof.get("optimizer_host_s", 0.0)) / st,
+        "offload": (k.get("offload_dtoh", 0.0) + k.get("offload_htod", 0.0)) / st,
+        "gpu_idle": max(0.0, st - prof.get("gpu_busy_s", 0.0)) / st,
+        "other_kernels": (k.get("other", 0.0) + k.get("memcpy_other", 0.0)) / st,
+    }
+    if ideal and ideal.get("step_s") is not None:
+        extra = k.get("attention", 0.0) + k.get("matmul", 0.0) - ideal["step_s"]
+        out["recompute_est"] = max(0.0, extra) / st
+    return out
+
+
+def add_ideal(rec: dict, model_cfg, world: int) -> None:
+    """Fill ``ideal`` (and ``ideal.over_measured``) and ``step_breakdown`` of a record from its
+    ``kernel_rates``, ``profile`` and median step time."""
+    if rec.get("seq_len") and rec.get("tokens_per_step"):
+        rec["ideal"] = ideal_step(model_cfg, rec["seq_len"], rec["tokens_per_step"], world, rec.get("kernel_rates"))
+        med = rec.get("step_time_s_median")
+        if rec["ideal"].get("step_s") and med:
+            rec["ideal"]["over_measured"] = rec["ideal"]["step_s"] / med
+    rec["step_breakdown"] = step_breakdown(rec.get("profile") or {}, rec.get("ideal"))
+
+
+def print_ideal(rec: dict) -> None:
+    r, i, b = rec.get("kernel_rates") or {}, rec.get("ideal") or {}, rec.get("step_breakdown") or {}
+    if r.get("matmul_flops"):
+        att = r.get("attention_flops")
+        print(f"[bench] kernel rates here: bf16 matmul {r['matmul_flops'] / 1e12:.0f} TFLOP/s, causal attention "
+              f"fwd+bwd ({r.get('attention_backend')}, {r.get('attention_shape')}) "
+              f"{'-' if att is None else f'{att / 1e12:.0f}'} TFLOP/s ({r.get('measure_s', 0):.1f} s)", flush=True)
+    if i.get("step_s"):
+        med = rec.get("step_time_s_median")
+        print(f"[bench] ideal step (model FLOPs at these rates, no recomputation): {i['step_s']:.2f} s = matmuls "
+              f"{i['matmul_s']:.2f} s + attention {i['attention_s']:.2f} s; measured "
+              f"{'-' if med is None else f'{med:.2f}'} s", flush=True)
+    if b:
+        print("[bench] profiled step: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in b.items()), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
 # Tables
 # --------------------------------------------------------------------------------------------
 
@@ -447,32 +664,57 @@ def _fmt(v, spec: str = ".3g") -> str:
     return str(v)
 
 
-def row(rec: dict) -> dict:
+def _pct(x) -> str:
+    return _fmt(None if x is None else 100 * x, ".0f")
+
+
+def _base_config(rec: dict) -> str:
+    return str(rec.get("config") or "").split(" (")[0]
+
+
+def row(rec: dict, ref_step: Optional[float] = None) -> dict:
+    """One table row; ``ref_step``: longtrain's median step at the same model and length, for the
+    ``x_ours`` column (this run's step time over ours: > 1 means slower than longtrain)."""
     prof = rec.get("profile") or {}
+    b = rec.get("step_breakdown") or {}
+    ideal = (rec.get("ideal") or {}).get("step_s")
+    med = rec.get("step_time_s_median")
     return {
         "system": rec.get("system"), "config": rec.get("config"), "seq": rec.get("seq_len"),
         "gpus": rec.get("world_size"), "sp": rec.get("sp"), "status": rec.get("status"),
-        "step_s": _fmt(rec.get("step_time_s_median")),
-        "tok/s": _fmt(rec.get("tokens_per_s"), ".4g"),
+        "step_s": _fmt(med),
+        "x_ours": _fmt(med / ref_step if med and ref_step else None, ".2f"),
+        "ideal_s": _fmt(ideal),
         "tok/s/gpu": _fmt(rec.get("tokens_per_s_per_gpu"), ".4g"),
-        "mfu%": _fmt(None if rec.get("mfu") is None else 100 * rec["mfu"], ".1f"),
         "mfu_c%": _fmt(None if rec.get("mfu_causal") is None else 100 * rec["mfu_causal"], ".1f"),
         "peakGPU": _fmt(rec.get("peak_gpu_mem_gib"), ".1f"),
         "peakRSS": _fmt(rec.get("peak_host_rss_gib"), ".1f"),
-        "attn%": _fmt(None if prof.get("attention_share") is None else 100 * prof["attention_share"], ".0f"),
-        "comm%": _fmt(None if prof.get("communication_share") is None else 100 * prof["communication_share"], ".0f"),
-        "offl%": _fmt(None if prof.get("offload_share") is None else 100 * prof["offload_share"], ".0f"),
+        "attn%": _pct(prof.get("attention_share")),
+        "mm%": _pct(b.get("matmul")),
+        "recomp%": _pct(b.get("recompute_est")),
+        "comm%": _pct(prof.get("communication_share")),
+        "opt%": _pct(b.get("optimizer")),
+        "offl%": _pct(prof.get("offload_share")),
+        "idle%": _pct(b.get("gpu_idle")),
+        "configuration": rec.get("configuration") or "-",
     }
 
 
 def print_table(records: list) -> str:
-    rows = [row(r) for r in records]
+    """The comparison table: one row per record; ``x_ours`` = step time / longtrain's (same model,
+    same length, ``ok``) where the table holds such a longtrain record; ``configuration`` names what
+    each run actually used (optimizer placement, offloads, kernels, fallbacks)."""
+    ref = {}
+    for r in records:
+        if r.get("system") == "longtrain" and r.get("status") == "ok" and r.get("step_time_s_median"):
+            ref.setdefault((_base_config(r), r.get("seq_len")), r["step_time_s_median"])
+    rows = [row(r, ref.get((_base_config(r), r.get("seq_len")))) for r in records]
     if not rows:
         return ""
     cols = list(rows[0].keys())
     width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    lines = ["  ".join(c.ljust(width[c]) for c in cols)]
-    lines += ["  ".join(str(r[c]).ljust(width[c]) for c in cols) for r in rows]
+    lines = ["  ".join(c.ljust(width[c]) for c in cols).rstrip()]
+    lines += ["  ".join(str(r[c]).ljust(width[c]) for c in cols).rstrip() for r in rows]
     text = "\n".join(lines)
     print(text, flush=True)
     return text

@@ -195,9 +195,14 @@ def trial_command(args, seq: int, out: Path, policy: str | None = None) -> list:
         launcher = [args.python]
     cmd = launcher + [str(script), "--config", args.config, "--seq-len", str(seq), "--steps", str(args.steps),
                       "--warmup", str(args.warmup), "--no-profile", "--out", str(out), "--sp", str(sp)]
+    extra = _passthrough(args)
     if not args.alst:
         cmd += ["--policy", policy or args.policy]
-    extra = _passthrough(args)
+    elif not any(a == "--optimizer" or a.startswith("--optimizer=") for a in extra):
+        # the longest sequence is found with ALST's leanest optimizer (on the CPU); under torchrun a
+        # trial cannot take alst_baseline.py's auto (fresh process per attempt) anyway
+        cmd += ["--optimizer", "cpu"]
+    cmd += ["--no-kernel-rates"]
     # flags (--x) go before the overrides; bare key=value overrides last
     flags = [a for a in extra if a.startswith("-") or "=" not in a]
     overrides = [a for a in extra if not (a.startswith("-") or "=" not in a)]

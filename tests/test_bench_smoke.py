@@ -4,8 +4,11 @@ GPU numbers cannot be checked here; what is checked: bench_train.py builds a job
 normal config/setup path, runs timed steps and writes every schema key with sane values; the
 profile summary sums kernels by category correctly (a synthetic trace); the longest-sequence
 search converges on the boundary, and runs a length the planner refuses with its leanest policy
-forced (a real trial, here against a simulated OOM); ``--gpu-cap-gb`` plans for the capped card and refuses a CPU run. The ALST baseline needs DeepSpeed and is skipped unless
-LONGTRAIN_ALST_SMOKE=1 (it JIT-builds DeepSpeedCPUAdam, which takes minutes the first time).
+forced (a real trial, here against a simulated OOM); ``--gpu-cap-gb`` plans for the capped card and
+refuses a CPU run; the table's configuration and step-time-over-ours columns; the ideal step's
+arithmetic. The ALST baseline needs DeepSpeed and is skipped unless LONGTRAIN_ALST_SMOKE=1 (DeepSpeed
+JIT-builds its CPU communication op, which takes minutes the first time). The ALST optimizer
+fallback, the torchtitan baseline and the race script: tests/test_bench_race.py.
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ def test_bench_train_tiny_cpu_writes_every_schema_key(tmp_path):
     assert "skipped" in rec["profile"]
     assert "planner" in rec and "available" in rec["planner"]
     assert rec["loss"] > 0
+    assert rec["configuration"].startswith("sp=1 dp=1 policy=manual recompute=none")
+    assert rec["kernel_rates"] == {"skipped": "no GPU"} and rec["ideal"]["skipped"] == "no GPU"
+    assert rec["ideal"]["matmul_flops_per_token"] > 0 and rec["step_breakdown"] == {}
 
 
 def test_bench_train_records_oom_and_exits_3(tmp_path):
@@ -101,7 +107,11 @@ def test_profile_summary_sums_categories_and_exposed_communication(tmp_path):
         {"ph": "X", "cat": "kernel", "name": "ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "ts": 4000, "dur": 2000},
         {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoH (Device -> Pinned)", "ts": 6000, "dur": 1000},
         {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "ts": 7000, "dur": 500},
+        {"ph": "X", "cat": "kernel", "name": "void at::native::(anonymous namespace)::multi_tensor_apply_kernel"
+                                            "<FusedAdamMathFunctor<float, 4>>", "ts": 8000, "dur": 500},
+        {"ph": "X", "cat": "kernel", "name": "elementwise_kernel_add", "ts": 8500, "dur": 500},
         {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 9000},  # host events are ignored
+        {"ph": "X", "cat": "user_annotation", "name": "Optimizer.step#AdamW.step", "ts": 7900, "dur": 800},
     ]
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"traceEvents": ev}))
@@ -110,13 +120,69 @@ def test_profile_summary_sums_categories_and_exposed_communication(tmp_path):
     assert s["kernel_time_s"]["communication"] == pytest.approx(0.002)
     assert s["kernel_time_s"]["offload_dtoh"] == pytest.approx(0.001)
     assert s["kernel_time_s"]["offload_htod"] == pytest.approx(0.0005)
-    assert s["kernel_time_s"]["other"] == pytest.approx(0.002)
+    assert s["kernel_time_s"]["matmul"] == pytest.approx(0.002)
+    assert s["kernel_time_s"]["optimizer"] == pytest.approx(0.0005)
+    assert s["kernel_time_s"]["other"] == pytest.approx(0.0005)
+    assert s["optimizer_host_s"] == pytest.approx(0.0008)
     assert s["attention_share"] == pytest.approx(0.3)
     assert s["offload_share"] == pytest.approx(0.15)
     # the all-gather (4-6 ms) overlaps the gemm (3-5 ms) for 1 ms: 1 ms exposed
     assert s["exposed_communication_s"] == pytest.approx(0.001)
-    assert s["gpu_busy_s"] == pytest.approx(0.0075)
+    assert s["gpu_busy_s"] == pytest.approx(0.0085)
     assert s["communication_by_op_s"] == {"AllGather": pytest.approx(0.002)}
+    # the step's shares: an ideal of 4 ms leaves 1 ms of attention + matmul time as recomputation
+    b = common.step_breakdown(s, {"step_s": 0.004})
+    assert b["attention"] == pytest.approx(0.3) and b["matmul"] == pytest.approx(0.2)
+    assert b["recompute_est"] == pytest.approx(0.1)
+    assert b["collectives"] == pytest.approx(0.2) and b["all_to_all"] == 0
+    assert b["optimizer"] == pytest.approx(0.08)  # the host span is longer than the kernel
+    assert b["offload"] == pytest.approx(0.15) and b["gpu_idle"] == pytest.approx(0.15)
+
+
+def test_ideal_step_is_model_flops_at_the_measured_rates():
+    from longtrain.config import load_config
+    from longtrain.trainer.metrics import flops_per_token, matmul_params_per_token
+
+    m = load_config("llama3-8b", []).model
+    seq, world = 131072, 2
+    rates = {"matmul_flops": 734e12, "attention_flops": 567e12}
+    i = common.ideal_step(m, seq, seq, world, rates)
+    mm = 6 * matmul_params_per_token(m) * seq / world / 734e12
+    attn = (flops_per_token(m, seq, causal=True) - 6 * matmul_params_per_token(m)) * seq / world / 567e12
+    assert i["matmul_s"] == pytest.approx(mm) and i["attention_s"] == pytest.approx(attn)
+    assert i["step_s"] == pytest.approx(mm + attn)
+    assert 10 < i["step_s"] < 20  # 8B at 128K on 2 GPUs: ~14 s of kernels without recomputation
+    assert common.ideal_step(m, seq, seq, world, {"skipped": "no GPU"})["skipped"] == "no GPU"
+
+
+def test_kernel_rate_helpers_count_flops_and_fall_back_from_gqa(monkeypatch):
+    # the timing is CUDA events on a GPU; here a fixed 10 ms per call, so the rates are FLOPs / 10 ms
+    import torch
+
+    monkeypatch.setattr(common, "_time_cuda", lambda fn, reps, device: (fn(), 0.01)[1])
+    cpu = torch.device("cpu")
+    assert common._matmul_rate(cpu, 64, 1) == pytest.approx(2 * 64 ** 3 / 0.01)
+    r = common._attention_rate(cpu, 4, 2, 16, "math", 64, 1)
+    assert r == {"attention_flops": pytest.approx(3 * 4 * 64 * 64 * 4 * 16 / 2 / 0.01)}
+    # a pinned kernel that refuses the call (cuDNN has no CPU kernel): said, not guessed
+    r = common._attention_rate(cpu, 4, 2, 16, "cudnn", 64, 1)
+    assert r["attention_flops"] is None and "attention_error" in r and "K/V expanded" in r["attention_gqa_note"]
+    assert common.kernel_rates(cpu, 4, 2, 16) == {"skipped": "no GPU"}
+
+
+def test_table_prints_each_configuration_and_the_step_time_over_longtrains():
+    recs = [{"system": "longtrain", "config": "llama3-8b", "seq_len": 131072, "status": "ok",
+             "step_time_s_median": 20.0, "configuration": "sp=2 policy=auto"},
+            {"system": "alst", "config": "llama3-8b", "seq_len": 131072, "status": "ok",
+             "step_time_s_median": 30.0, "configuration": "ZeRO-3 sp=2, optimizer gpu"},
+            {"system": "torchtitan", "config": "llama3-8b", "seq_len": 262144, "status": "OOM",
+             "configuration": "FSDP2 dp_shard=1 cp=2"}]
+    lines = common.print_table(recs).splitlines()
+    head = lines[0].split()
+    assert head[-1] == "configuration" and "x_ours" in head and "ideal_s" in head
+    alst = lines[2].split()
+    assert alst[head.index("x_ours")] == "1.50" and lines[2].endswith("ZeRO-3 sp=2, optimizer gpu")
+    assert lines[3].split()[head.index("x_ours")] == "-"  # no longtrain record at 256K
 
 
 def test_search_doubles_then_bisects_to_one_unit():
@@ -174,4 +240,7 @@ def test_alst_baseline_tiny_cpu(tmp_path):
     rec = json.loads(out.read_text())
     assert rec["status"] == "ok" and rec["system"] == "alst"
     assert not [k for k in common.SCHEMA_KEYS if k not in rec]
-    assert rec["cpu_adam_build_s"] is not None
+    # --optimizer auto: the first attempt (optimizer on the device) fits, so no CPU Adam is built
+    assert [a["optimizer"] for a in rec["optimizer_attempts"]] == ["gpu"] and not rec["optimizer_fallback"]
+    assert rec["cpu_adam_build_s"] is None and rec["recipe"]["offload_optimizer"] == "none"
+    assert rec["configuration"].startswith("ZeRO-3 sp=1, optimizer gpu, params gpu")
