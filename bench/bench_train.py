@@ -142,67 +142,22 @@ def load_bench_config(args):
 
 
 # --------------------------------------------------------------------------------------------
-# Planner (memory/planner.py is written in parallel with this file: probe, never require)
+# Planner: its memory and step-time estimate for the policy this run resolved to
 # --------------------------------------------------------------------------------------------
-
-_ESTIMATE_NAMES = ("estimate_memory", "estimate", "plan_memory", "plan", "make_plan", "memory_plan")
 
 
 def planner_estimate(cfg, dims) -> dict:
-    """The planner's estimate for ``cfg`` on ``dims`` as a dict (``peak_gib`` where it says one)."""
-    try:
-        from longtrain.memory import planner
-    except Exception as e:  # noqa: BLE001
-        return {"available": False, "reason": f"longtrain.memory.planner: {common.short_error(e, 300)}"}
-    if all(hasattr(planner, n) for n in ("estimate", "layout_from", "policy_of")):
-        # the estimate for the policy this run resolved to (setup returned the resolved cfg)
-        try:
-            est = planner.estimate(cfg, planner.layout_from(cfg, dims), planner.policy_of(cfg.memory))
-            return {"available": True, "function": "planner.estimate(cfg, layout_from(cfg, dims), policy_of(cfg.memory))",
-                    "policy": getattr(est.policy, "name", repr(est.policy)),
-                    "peak_gib": est.gpu_total / 2**30, "host_gib": est.host_total / 2**30,
-                    "gpu_terms_gib": {k: v / 2**30 for k, v in est.gpu.items()},
-                    "host_terms_gib": {k: v / 2**30 for k, v in est.host.items()}}
-        except Exception as e:  # noqa: BLE001
-            return {"available": False, "reason": f"planner.estimate: {common.short_error(e, 300)}"}
-    for name in _ESTIMATE_NAMES:
-        fn = getattr(planner, name, None)
-        if not callable(fn):
-            continue
-        for call in ((cfg, dims), (cfg,)):
-            try:
-                res = fn(*call)
-            except TypeError:
-                continue
-            except Exception as e:  # noqa: BLE001
-                return {"available": False, "reason": f"planner.{name}: {common.short_error(e, 300)}"}
-            return {"available": True, "function": name, **_plan_to_dict(res)}
-    return {"available": False, "reason": f"planner has none of {list(_ESTIMATE_NAMES)}"}
+    """The planner's estimate for ``cfg`` (already resolved) on ``dims``: peak GiB by term, host
+    GiB, and the step-time model's seconds by term (``memory.step_time``)."""
+    from longtrain.memory import planner
 
-
-def _plan_to_dict(res) -> dict:
-    if dataclasses.is_dataclass(res):
-        d = dataclasses.asdict(res)
-    elif isinstance(res, dict):
-        d = dict(res)
-    elif isinstance(res, (int, float)):
-        d = {"peak_bytes": float(res)} if res > 1e6 else {"peak_gib": float(res)}
-    else:
-        d = {k: getattr(res, k) for k in dir(res) if not k.startswith("_") and not callable(getattr(res, k))}
-    peak = None
-    for key in ("peak_gib", "gpu_peak_gib", "total_gib", "gpu_gib", "peak_gpu_gib"):
-        if isinstance(d.get(key), (int, float)):
-            peak = float(d[key])
-            break
-    if peak is None:
-        for key in ("peak_bytes", "gpu_peak_bytes", "total_bytes", "gpu_bytes"):
-            if isinstance(d.get(key), (int, float)):
-                peak = float(d[key]) / 2**30
-                break
-    out = {"peak_gib": peak}
-    out["detail"] = {k: (v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else repr(v))
-                     for k, v in d.items()}
-    return out
+    est = planner.estimate(cfg, planner.layout_from(cfg, dims), planner.policy_of(cfg.memory))
+    return {"available": True, "policy": est.policy.name,
+            "peak_gib": est.gpu_total / 2**30, "host_gib": est.host_total / 2**30,
+            "gpu_terms_gib": {k: v / 2**30 for k, v in est.gpu.items()},
+            "host_terms_gib": {k: v / 2**30 for k, v in est.host.items()},
+            "step_s": est.time.total, "ideal_step_s": est.time.ideal,
+            "step_terms_s": dict(est.time.terms)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,6 +294,8 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
     common.add_ideal(rec, cfg.model, dims.world_size)
     if plan is not None and plan.get("peak_gib") is not None and rec.get("peak_gpu_mem_gib") is not None:
         plan["measured_peak_gib"] = rec["peak_gpu_mem_gib"]
+    if plan is not None and rec.get("step_time_s_median"):
+        plan["step_model_over_measured"] = plan["step_s"] / rec["step_time_s_median"]
         plan["estimate_over_measured"] = plan["peak_gib"] / max(rec["peak_gpu_mem_gib"], 1e-9)
     rec["status"] = "ok"
     writer.write()
@@ -352,6 +309,10 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
                   f"{plan.get('policy') or ''} {plan.get('reason') or ''}", flush=True)
             for k, v in (plan.get("gpu_terms_gib") or {}).items():
                 print(f"    {k:20s} {v:8.2f} GiB", flush=True)
+            step = rec.get("step_time_s_median")
+            print(f"[bench] step-time model {plan['step_s']:.2f} s vs measured "
+                  f"{'-' if step is None else f'{step:.2f}'} s; terms: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in plan["step_terms_s"].items()), flush=True)
         common.print_table([rec])
     return rec
 
