@@ -294,9 +294,9 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
     common.add_ideal(rec, cfg.model, dims.world_size)
     if plan is not None and plan.get("peak_gib") is not None and rec.get("peak_gpu_mem_gib") is not None:
         plan["measured_peak_gib"] = rec["peak_gpu_mem_gib"]
+        plan["estimate_over_measured"] = plan["peak_gib"] / max(rec["peak_gpu_mem_gib"], 1e-9)
     if plan is not None and rec.get("step_time_s_median"):
         plan["step_model_over_measured"] = plan["step_s"] / rec["step_time_s_median"]
-        plan["estimate_over_measured"] = plan["peak_gib"] / max(rec["peak_gpu_mem_gib"], 1e-9)
     rec["status"] = "ok"
     writer.write()
     if dims.is_main:
