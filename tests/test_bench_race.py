@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import alst_baseline  # noqa: E402
+import common  # noqa: E402
 import torchtitan_baseline  # noqa: E402
 
 
@@ -153,6 +154,7 @@ def test_torchtitan_tiny_cpu_run_through_its_trainer(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rec = json.loads(out.read_text())
     assert rec["status"] == "ok" and rec["system"] == "torchtitan" and rec["versions"]["torchtitan"] == "0.2.2"
+    assert not [k for k in common.SCHEMA_KEYS if k not in rec]
     assert len(rec["step_times_s"]) == 2 and rec["loss"] > 0
     assert rec["configuration"].startswith("one rank, no FSDP, AC=full, compile=off")
     assert "--activation_checkpoint.mode" in rec["titan_cli"]
