@@ -708,7 +708,9 @@ def main(argv=None) -> int:
         except Exception:  # noqa: BLE001
             pass
         rec.update(common.host_memory())
-        if args.out:
+        # the first rank to fail writes (the root cause: an OOM on one rank, not the others' fallout;
+        # --optimizer auto decides on this record)
+        if args.out and not common.failed_elsewhere(Path(args.out)):
             try:
                 common.write_json_atomic(Path(args.out), rec)
             except Exception:  # noqa: BLE001

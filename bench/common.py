@@ -94,12 +94,13 @@ class ResultWriter:
         if not self.enabled:
             return
         if not force and self.record.get("status") not in ("OOM", "no_fit", "error", "interrupted") \
-                and _failed_elsewhere(self.path):
+                and failed_elsewhere(self.path):
             return  # another rank already recorded why the run failed; keep that
         write_json_atomic(self.path, self.record)
 
 
-def _failed_elsewhere(path: Path) -> bool:
+def failed_elsewhere(path: Path) -> bool:
+    """Whether the record at ``path`` already says a rank failed (``failed_rank``)."""
     try:
         with open(path) as f:
             return json.load(f).get("failed_rank") is not None

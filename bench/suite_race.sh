@@ -37,7 +37,7 @@ for len in "$@"; do
     out="$dir/${w}_${len}.json"
     case $w in
       ours)  cmd="$tr bench/bench_train.py $common --seq-len $len --sp $nproc --policy auto --planner --out $out ${OURS_EXTRA:-}" ;;
-      alst)  cmd="$py bench/alst_baseline.py --nproc $nproc $common --seq-len $len --sp $nproc --out $out" ;;
+      alst)  cmd="$py bench/alst_baseline.py --nproc $nproc $common --seq-len $len --sp $nproc --optimizer auto --sdpa-backend cudnn --out $out" ;;
       titan) cmd="$tr bench/torchtitan_baseline.py $common --seq-len $len --cp $nproc --out $out" ;;
       *) say "unknown system '$w' (give: ours alst titan)"; exit 2 ;;
     esac

@@ -6,7 +6,8 @@
 - the torchtitan baseline's configuration: its command line for torchtitan, and the FFN arguments
   that reproduce our ``ffn_dim`` with torchtitan's rounding; a one-process CPU run through
   torchtitan's Trainer when torchtitan is importable (the carried wheels, bench/README.md);
-- suite_race.sh runs its systems per length and leaves records, a progress log and a table.
+- suite_race.sh runs its systems per length and leaves records, a progress log and a table;
+- the longest-sequence search gives ALST trials the CPU optimizer unless its flags name one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import alst_baseline  # noqa: E402
+import common  # noqa: E402
 import torchtitan_baseline  # noqa: E402
 
 
@@ -153,6 +155,7 @@ def test_torchtitan_tiny_cpu_run_through_its_trainer(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rec = json.loads(out.read_text())
     assert rec["status"] == "ok" and rec["system"] == "torchtitan" and rec["versions"]["torchtitan"] == "0.2.2"
+    assert not [k for k in common.SCHEMA_KEYS if k not in rec]
     assert len(rec["step_times_s"]) == 2 and rec["loss"] > 0
     assert rec["configuration"].startswith("one rank, no FSDP, AC=full, compile=off")
     assert "--activation_checkpoint.mode" in rec["titan_cli"]
@@ -169,3 +172,17 @@ def test_suite_race_runs_each_system_per_length_and_writes_a_table(tmp_path):
     assert progress.rstrip().endswith("race done")
     assert json.loads((tmp_path / "ours_256.json").read_text())["status"] == "ok"
     assert "longtrain" in (tmp_path / "table.txt").read_text()
+
+
+def test_longest_search_runs_alst_trials_with_the_cpu_optimizer_unless_told(tmp_path):
+    import longest_seq
+
+    def cmd(*flags):
+        args = longest_seq.build_parser().parse_args(["--alst", "--nproc", "2", "--log", str(tmp_path / "l.json"),
+                                                      "--", *flags])
+        return longest_seq.trial_command(args, 65536, tmp_path / "t.json")
+
+    c = cmd("--sdpa-backend", "cudnn")
+    assert c[c.index("--optimizer") + 1] == "cpu" and "--no-kernel-rates" in c and "torch.distributed.run" in c
+    c = cmd("--optimizer", "gpu")
+    assert c.count("--optimizer") == 1 and c[c.index("--optimizer") + 1] == "gpu"
