@@ -103,40 +103,11 @@ from dataclasses import dataclass, field
 import torch
 
 from longtrain.config import Config, ConfigError
+from longtrain.models.costs import count_params
 
 GiB = 2**30
 RESERVE_FRACTION = 0.08
 RESERVE_BYTES = 1 * GiB
-
-
-# --------------------------------------------------------------------------------------------
-# Parameter counts
-# --------------------------------------------------------------------------------------------
-
-
-def block_params(m) -> int:
-    kvd = m.n_kv_heads * m.head_dim
-    return 2 * m.dim + 2 * m.dim * m.dim + 2 * m.dim * kvd + 3 * m.dim * m.ffn_dim
-
-
-def lora_params(m) -> int:
-    if m.arch != "looped" or m.lora_rank == 0:
-        return 0
-    kvd = m.n_kv_heads * m.head_dim
-    d, f = m.dim, m.ffn_dim
-    in_out = [(d, d), (d, kvd), (d, kvd), (d, d), (d, f), (f, d), (d, f)]  # models.looped.LORA_TARGETS
-    return m.n_core * sum(m.loops_max * m.lora_rank * (i + o) for i, o in in_out)
-
-
-def count_params(m) -> dict:
-    """Exact parameter counts of ``build_model(m)`` by part (tied embeddings counted once)."""
-    emb = m.vocab_size * m.dim
-    head = m.dim + (0 if m.tie_embeddings else m.vocab_size * m.dim)
-    n_blocks = m.n_layers if m.arch == "llama" else m.n_prelude + m.n_core + m.n_coda
-    extra = lora_params(m) + (2 * m.dim * m.dim if m.arch == "looped" and m.reinject == "concat" else 0)
-    blocks = n_blocks * block_params(m)
-    return {"embedding": emb, "blocks": blocks, "block": block_params(m), "n_blocks": n_blocks,
-            "head": head, "extra": extra, "total": emb + blocks + head + extra}
 
 
 # --------------------------------------------------------------------------------------------
