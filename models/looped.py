@@ -205,6 +205,9 @@ class Looped(DescribedModel):
     def loss_head(self) -> nn.Module | None:
         return self.head
 
+    def token_wise_modules(self) -> list[tuple[str, nn.Module]]:
+        return [("inject", self.inject)] if self.inject is not None else []
+
     def _carries_e(self, u: Unit) -> bool:
         """Whether the activation after ``u`` is ``[h, e]``: from the end of the prelude (the
         embedding when there is none) until the last iteration that re-injects e."""

@@ -11,7 +11,8 @@ the base every model here derives from, with the methods the rest of longtrain c
 - ``forward_units(units, x, ...)``: run a contiguous run of them (a pipeline stage runs this);
 - ``prune_to(units)``: drop every module those units do not use (a pipeline stage's model);
 - ``blocks()``, ``shard_units()``, ``lora_points()``, ``loop_body()``, ``snapshot_loop_index()``,
-  ``loss_head()``: what recompute, tiling, FSDP and tensor parallelism wrap or shard;
+  ``loss_head()``, ``token_wise_modules()``, ``held_module(name)``: what recompute, tiling, FSDP
+  and tensor parallelism wrap or shard;
 - ``param_counts()``, ``flops_per_token(seq_len, causal)``: the costs (``models.costs``).
 
 The idea (STYLE.md point 10, torchtitan's model args owning their FLOP count): parallelism and
@@ -152,6 +153,19 @@ class DescribedModel(nn.Module):
     def loss_head(self) -> nn.Module | None:
         """The module turning the last hidden state into logits, or with labels the summed loss."""
         return None
+
+    def token_wise_modules(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) of the modules outside the blocks, the embedding and the head, each acting
+        on every token alone (tensor parallelism runs them on its sequence shard)."""
+        return []
+
+    def held_module(self, name: str) -> nn.Module | None:
+        """The module ``name`` (a qualified name from a unit's ``modules``), None where ``prune_to``
+        removed it."""
+        try:
+            return self.get_submodule(name)
+        except AttributeError:
+            return None
 
     def is_looped(self) -> bool:
         return any(u.kind == LOOP for u in self.units())

@@ -1,7 +1,10 @@
 """Tensor parallelism (Megatron-style, with sequence parallelism) through DTensor plans.
 
-Owns: the ``parallelize_module`` plans for a ``Block``, the embedding, the LM head, the looped
-model's re-injection projection and its per-loop LoRA, i.e. ``apply_tensor_parallel(model, dims)``.
+Owns: the ``parallelize_module`` plans for a ``Block``, the embedding, the LM head, a model's
+token-wise projections (the looped re-injection) and its per-loop LoRA, i.e.
+``apply_tensor_parallel(model, dims)``. Which modules those are the model says
+(``longtrain.models.units``: its embedding and head units, ``blocks()``, ``token_wise_modules()``,
+``lora_points()``).
 
 Layout over the ``tp`` mesh dimension, per block (torchtitan's plan):
 
@@ -42,7 +45,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from longtrain.models.units import DescribedModel
+from longtrain.models.units import EMBEDDING, HEAD, DescribedModel
 
 
 def block_plan() -> dict:
@@ -68,6 +71,13 @@ def block_plan() -> dict:
     }
 
 
+def head_plan() -> dict:
+    """The plan for an ``LMHead``: its norm on the sequence shard, the output projection
+    column-parallel over the vocabulary with the logits gathered."""
+    return {"norm": SequenceParallel(),
+            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())}
+
+
 def _shard_lora(model: DescribedModel, tp_mesh) -> None:
     """Distribute each low-rank delta the model lists consistently with the linear it modifies:
     the side ``block_plan`` splits that linear on."""
@@ -90,25 +100,26 @@ def apply_tensor_parallel(model: DescribedModel, dims) -> DescribedModel:
     if dims.tp == 1:
         return model
     tp_mesh = dims.get_mesh("tp")
-    cfg = model.cfg
     # the top level: embedding in, head out; the residual stream in between is Shard(1)
-    parallelize_module(model, tp_mesh, {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-        "head.norm": SequenceParallel(),
-        "head.output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
-    })
-    head = getattr(model, "head", None)
-    if cfg.tie_embeddings and getattr(model, "tok_embeddings", None) is not None and head is not None:
+    ends = {u.kind: u for u in model.units() if u.kind in (EMBEDDING, HEAD)}
+    emb = model.held_module(ends[EMBEDDING].modules[0])  # None on a pipeline stage without it
+    head = model.held_module(ends[HEAD].modules[0])
+    # embedding in, head out; the residual stream in between is Shard(1)
+    if emb is not None:
+        parallelize_module(emb, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)))
+    if head is not None:
+        parallelize_module(head, tp_mesh, head_plan())
+    if model.cfg.tie_embeddings and emb is not None and head is not None:
         # both plans shard the [vocab, dim] weight along the vocabulary (Shard(0)), but each
         # distributes its own copy; point the head back at the embedding's DTensor so the tie (one
         # parameter, gradients of both uses summed into it) survives. (A pipeline stage holding only
         # one of the two keeps its own copy; the pipeline sums the copies' gradients across stages.)
-        emb = model.tok_embeddings.weight
-        assert emb.placements == head.output.weight.placements, (emb.placements,)
-        head.output.weight = emb
-    if getattr(model, "inject", None) is not None:
-        # token-wise projection of [state, prelude output] on the sequence shard; replicated weight
-        parallelize_module(model.inject, tp_mesh, SequenceParallel(use_local_output=True))
+        assert emb.weight.placements == head.output.weight.placements, (emb.weight.placements,)
+        head.output.weight = emb.weight
+    for _, module in model.token_wise_modules():
+        # e.g. the looped re-injection projection of [state, prelude output]: on the sequence
+        # shard, with its weight replicated
+        parallelize_module(module, tp_mesh, SequenceParallel(use_local_output=True))
     for ref in model.blocks():
         parallelize_module(ref.module, tp_mesh, block_plan())
     _shard_lora(model, tp_mesh)
