@@ -19,10 +19,7 @@ exactly the single-process gradient. Whether FSDP wraps at all is ``parallel.pre
   factor is 1 and only sum reductions are used (``set_force_sum_reduction_for_comms``, also
   needed by gloo, which has no pre-multiplied sum).
 - No data-parallel peers in bf16 (one process, or tensor / pipeline parallelism alone): FSDP2
-  over a one-rank mesh, used for its mixed precision only (bf16 weights for the matmuls and a
-  bf16 residual stream over fp32 master weights), so such a run computes in the same precision
-  as a data-parallel one and keeps half the activation bytes; plain bf16 autocast over fp32
-  weights would leave the stream -- every saved or offloaded layer input -- in fp32.
+  over a one-rank mesh, used for its mixed precision only (why: ``parallel.precision``).
   ``parallel.param_dtype=fp32`` turns it off. One process gets its one-rank group from
   ``parallel.mesh.init_distributed``; with tp or pp the mesh is the size-1 ``dp_shard_sp`` view
   (composed with the tp placements like any FSDP2 x TP mesh; each pipeline stage is wrapped).
