@@ -153,3 +153,13 @@ def test_fsdp_units_come_from_the_model_whatever_its_containers_are_called():
     plain = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(TypeError, match="does not describe its units"):
         fsdp_units(plain)  # not silently one unit for everything
+
+
+def test_recompute_on_a_pipeline_stage_selects_blocks_by_their_global_index():
+    from longtrain.memory.recompute import apply_recompute
+
+    model = built("looped_concat_lora")
+    stage = build_model(model.cfg)
+    stage.prune_to(model.units()[-2:])  # coda.0 (global block 3) and the head: no core here
+    mem = load_config(None, ["memory.recompute_loops=true", "memory.recompute_layers=['3:full']"]).memory
+    assert apply_recompute(stage, mem) == {"coda.0": "full"}
