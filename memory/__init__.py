@@ -13,9 +13,10 @@ Modules, one idea each:
 
 ``apply_activation_memory(model, cfg)`` is the one entry point ``parallel.parallelize`` calls,
 after tensor parallelism and Ulysses and before compile and FSDP2. It only replaces
-``forward`` of submodules it finds by type and name (every ``Block``, each Block's
-``feed_forward``, ``model.core``, ``model.head``), so it works on a pipeline stage that owns a
-subset of them and on modules whose weights are DTensors or whose attention is wrapped.
+``forward`` of submodules the model lists (``model.blocks()`` and each block's ``feed_forward``,
+``model.loop_body()``, ``model.loss_head()``: ``longtrain.models.units``), so it works on a
+pipeline stage that holds a subset of them and on modules whose weights are DTensors or whose
+attention is wrapped.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The memory planner: per-rank memory and step time for a config, and the fastest policy that fits.
 
-Owns: exact parameter counts (``count_params``), the layout it plans for (``layout_from``:
+Owns: the layout it plans for (``layout_from``:
 ``ParallelDims.from_config``, as the trainer builds it), the per-rank estimate of every memory
 term (``estimate``, one function per term below), the policies weighed (``candidate_policies``),
 the choice (``plan``: the fastest that fits by ``memory.step_time``'s model, ties to the least
@@ -110,41 +110,13 @@ import torch
 
 from longtrain.config import Config, ConfigError, load_config
 from longtrain.memory.step_time import H200, MEASURED, Rates, StepTime, step_time
+from longtrain.models.costs import count_params
 from longtrain.parallel.mesh import ParallelDims
+from longtrain.parallel.precision import fsdp_wraps
 
 GiB = 2**30
 RESERVE_FRACTION = 0.08
 RESERVE_BYTES = 1 * GiB
-
-
-# --------------------------------------------------------------------------------------------
-# Parameter counts
-# --------------------------------------------------------------------------------------------
-
-
-def block_params(m) -> int:
-    kvd = m.n_kv_heads * m.head_dim
-    return 2 * m.dim + 2 * m.dim * m.dim + 2 * m.dim * kvd + 3 * m.dim * m.ffn_dim
-
-
-def lora_params(m) -> int:
-    if m.arch != "looped" or m.lora_rank == 0:
-        return 0
-    kvd = m.n_kv_heads * m.head_dim
-    d, f = m.dim, m.ffn_dim
-    in_out = [(d, d), (d, kvd), (d, kvd), (d, d), (d, f), (f, d), (d, f)]  # models.looped.LORA_TARGETS
-    return m.n_core * sum(m.loops_max * m.lora_rank * (i + o) for i, o in in_out)
-
-
-def count_params(m) -> dict:
-    """Exact parameter counts of ``build_model(m)`` by part (tied embeddings counted once)."""
-    emb = m.vocab_size * m.dim
-    head = m.dim + (0 if m.tie_embeddings else m.vocab_size * m.dim)
-    n_blocks = m.n_layers if m.arch == "llama" else m.n_prelude + m.n_core + m.n_coda
-    extra = lora_params(m) + (2 * m.dim * m.dim if m.arch == "looped" and m.reinject == "concat" else 0)
-    blocks = n_blocks * block_params(m)
-    return {"embedding": emb, "blocks": blocks, "block": block_params(m), "n_blocks": n_blocks,
-            "head": head, "extra": extra, "total": emb + blocks + head + extra}
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,14 +246,11 @@ def _param_bytes(cfg: Config, a: int) -> int:
     return 2 if p == "bf16" else 4
 
 
-def uses_fsdp(lay: ParallelDims, cfg: Config | None = None, a: int | None = None) -> bool:
-    """As ``parallel.fsdp.uses_fsdp``: sharded over dp, or, with no data-parallel peers (one process,
-    tensor or pipeline parallelism alone), wrapped on a one-rank mesh for bf16 weights."""
-    if lay.dp_replicate * fsdp_size(lay) > 1:
-        return True
-    if cfg is None:
-        return False
-    return _param_bytes(cfg, act_bytes(cfg) if a is None else a) == 2
+def uses_fsdp(lay: ParallelDims, cfg: Config, a: int | None = None, fsdp_cpu_offload: bool = False) -> bool:
+    """Whether FSDP2 wraps the model, by the trainer's own rule (``parallel.precision.fsdp_wraps``),
+    for parameters in the dtype ``_param_bytes`` gives at activation bytes ``a``."""
+    param = "bf16" if _param_bytes(cfg, act_bytes(cfg) if a is None else a) == 2 else "fp32"
+    return fsdp_wraps(lay.dp_replicate, lay.dp_shard, lay.sp, param, fsdp_cpu_offload)
 
 
 def weight_bytes(cfg: Config, lay: ParallelDims, a: int) -> int:
@@ -403,7 +372,7 @@ def _shape(cfg: Config, lay: ParallelDims, pol: Policy) -> _Shape:
         n_blocks_stage = math.ceil((m.n_prelude + m.n_core + m.n_coda) / lay.pp) if lay.pp > 1 else pc["n_blocks"]
     ends = pc["embedding"] + pc["head"] if lay.pp == 1 else max(pc["embedding"], pc["head"])
     return _Shape(a=a, r=residual_bytes(cfg, lay, a), wb=wb,
-                  fsdp_on=uses_fsdp(lay, cfg, a) or pol.fsdp_cpu_offload,  # it asks for one-rank FSDP too
+                  fsdp_on=uses_fsdp(lay, cfg, a, pol.fsdp_cpu_offload),
                   cast_w=a == 2 and wb == 4, T=cfg.data.batch_size * cfg.data.seq_len / lay.sp,
                   w=_widths(m, lay), blk=pc["block"] / lay.tp, head_w=m.vocab_size * m.dim / lay.tp,
                   ends=ends, n_blocks_stage=n_blocks_stage,

@@ -13,9 +13,11 @@ FlexAttention, flash-attn: O(S^2) FLOPs, O(S) output) and optionally matmuls -- 
 than inserting a wrapper module, so parameter names (and checkpoints) do not change, and hooks
 installed on the module by tensor parallelism, Ulysses or FSDP2 keep running around it.
 
-Looped models: ``LoopedCore.forward`` sets ``core.loop_index`` for the per-loop LoRA hooks, so a
-block of the core that is recomputed in backward must see the iteration it ran in, not the last
-one; wrappers capture ``loop_index`` at forward time and restore it before recomputing.
+The blocks, their global indices and names come from the model (``model.blocks()``), as does the
+module run once per loop iteration (``model.loop_body()``). Looped models: the core tells its
+blocks' LoRA hooks which iteration runs, so a block of the core (``BlockRef.in_loop``) that is
+recomputed in backward must see the iteration it ran in, not the last one; wrappers take
+``model.snapshot_loop_index()`` at forward time and call it before recomputing.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from longtrain.config import check_recompute_layers
+from longtrain.config import ConfigError, check_recompute_layers
 from longtrain.memory.selective import selective_context_fn
+from longtrain.models.units import DescribedModel
 
 _state = threading.local()
 
@@ -57,22 +60,6 @@ def in_backward() -> bool:
 # --------------------------------------------------------------------------------------------
 # Wrapping
 # --------------------------------------------------------------------------------------------
-
-
-def loop_index_keeper(core) -> Callable[[], Callable[[], None]]:
-    """``snapshot()`` returns a function restoring ``core.loop_index`` as it is now (no-op if none)."""
-    if core is None or not hasattr(core, "loop_index"):
-        return lambda: (lambda: None)
-
-    def snapshot():
-        i = core.loop_index
-
-        def restore():
-            core.loop_index = i
-
-        return restore
-
-    return snapshot
 
 
 def checkpointed(fn: Callable, mode: str, selective_save: str = "attention",
@@ -116,20 +103,6 @@ def wrap_forward(module: nn.Module, make: Callable[[Callable], Callable], tag: s
     applied.append(tag)
 
 
-def block_index_map(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
-    """(index, qualified name, block) for every transformer block, in the documented order."""
-    from longtrain.models.llama import Block
-
-    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, Block)]
-    out = []
-    if hasattr(model, "layers") and not hasattr(model, "core"):  # Llama: keys are global indices
-        for name, m in blocks:
-            key = name.split(".")[-1]
-            out.append((int(key) if key.isdigit() else len(out), name, m))
-        return out
-    return [(i, name, m) for i, (name, m) in enumerate(blocks)]
-
-
 def recompute_mode_of(index: int, name: str, default: str, groups: Iterable[tuple[str, str]]) -> str:
     """The mode of one block: the last matching ``recompute_layers`` entry, else ``default``."""
     mode = default
@@ -143,40 +116,36 @@ def recompute_mode_of(index: int, name: str, default: str, groups: Iterable[tupl
     return mode
 
 
-def apply_recompute(model: nn.Module, mem, offload_wrap: Callable | None = None, store=None) -> dict[str, str]:
-    """Wrap every block (and a looped model's core) per ``mem`` (a ``MemoryConfig``).
+def apply_recompute(model: DescribedModel, mem, offload_wrap: Callable | None = None,
+                    store=None) -> dict[str, str]:
+    """Wrap every block the model lists (and a looped model's loop body) per ``mem`` (a ``MemoryConfig``).
 
     ``offload_wrap(fn)`` (from ``longtrain.memory.offload``) is put around each checkpointed
     call so the checkpoint's saved inputs go to the host; ``store`` (the same offloader) takes
     the outputs ``selective`` keeps. Returns {block name: mode}.
     """
     groups = check_recompute_layers(mem.recompute_layers)
-    core = getattr(model, "core", None)
-    is_looped = core is not None and hasattr(core, "loop_index")
-    keep = loop_index_keeper(core if is_looped else None)
+    if mem.recompute_loops and not model.is_looped():
+        raise ConfigError("memory.recompute_loops=true needs a looped model (model.arch=looped); "
+                          "use memory.recompute for a Llama model.")
     modes = {}
-    for index, name, block in block_index_map(model):
-        mode = recompute_mode_of(index, name, mem.recompute, groups)
-        modes[name] = mode
-        in_core = is_looped and name.startswith("core.")
-        snapshot = keep if in_core else None
+    for ref in model.blocks():
+        mode = recompute_mode_of(ref.index, ref.name, mem.recompute, groups)
+        modes[ref.name] = mode
+        snapshot = model.snapshot_loop_index if ref.in_loop else None
 
         def make(fwd, mode=mode, snapshot=snapshot):
             fn = checkpointed(fwd, mode, mem.selective_save, snapshot, store)
             return offload_wrap(fn) if offload_wrap is not None else fn
 
         if mode != "none" or offload_wrap is not None:
-            wrap_forward(block, make, "recompute")
-    if is_looped and mem.recompute_loops:
-        def make_core(fwd):
+            wrap_forward(ref.module, make, "recompute")
+    body = model.loop_body()
+    if mem.recompute_loops and body is not None:
+        def make_body(fwd):
             fn = checkpointed(fwd, "full")
             return offload_wrap(fn) if offload_wrap is not None else fn
 
-        wrap_forward(core, make_core, "recompute_loops")
+        wrap_forward(body, make_body, "recompute_loops")
         modes["core"] = "full (per iteration)"
-    elif mem.recompute_loops and not is_looped:
-        from longtrain.config import ConfigError
-
-        raise ConfigError("memory.recompute_loops=true needs a looped model (model.arch=looped); "
-                          "use memory.recompute for a Llama model.")
     return modes

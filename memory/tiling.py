@@ -1,8 +1,8 @@
 """Tiling: the MLP and the output projection + cross-entropy computed over sequence chunks.
 
-Owns: ``tile_mlp`` (each Block's ``feed_forward`` run chunk by chunk along the sequence) and
-``tile_loss`` (the model's ``LMHead`` computing its summed cross-entropy chunk by chunk), plus
-``apply_tiling`` which installs both on a model from outside.
+Owns: ``tile_mlp`` (the ``feed_forward`` of each block ``model.blocks()`` lists, run chunk by chunk
+along the sequence) and ``tile_loss`` (the model's ``loss_head()`` computing its summed
+cross-entropy chunk by chunk), plus ``apply_tiling`` which installs both on a model from outside.
 
 The idea (Arctic Long Sequence Training's TiledMLP / tiled loss): the MLP is position-wise and
 the loss is a sum over tokens, so both can run on one slice of the sequence at a time. Each
@@ -29,7 +29,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from longtrain.memory.recompute import block_index_map, checkpointed, loop_index_keeper, wrap_forward
+from longtrain.memory.recompute import checkpointed, wrap_forward
+from longtrain.models.units import DescribedModel
 
 
 def tiled_mlp_forward(fwd: Callable, n_chunks: int, snapshot: Callable | None = None,
@@ -126,25 +127,21 @@ def tiled_loss_forward(fwd: Callable, tokens_per_chunk: int) -> Callable:
     return run
 
 
-def tile_mlp(model: nn.Module, n_chunks: int) -> int:
-    """Tile every Block's ``feed_forward``; returns how many were tiled."""
-    core = getattr(model, "core", None)
-    keep = loop_index_keeper(core)
+def tile_mlp(model: DescribedModel, n_chunks: int) -> int:
+    """Tile the ``feed_forward`` of every block the model lists; returns how many were tiled."""
     n = 0
-    for _, name, block in block_index_map(model):
-        ff = getattr(block, "feed_forward", None)
-        if ff is None:
-            continue
-        snapshot = keep if name.startswith("core.") else None
-        wrap_forward(ff, lambda fwd, s=snapshot: tiled_mlp_forward(fwd, n_chunks, s), "tiled_mlp")
+    for ref in model.blocks():
+        snapshot = model.snapshot_loop_index if ref.in_loop else None
+        wrap_forward(ref.module.feed_forward, lambda fwd, s=snapshot: tiled_mlp_forward(fwd, n_chunks, s),
+                     "tiled_mlp")
         n += 1
     return n
 
 
-def tile_loss(model: nn.Module, tokens_per_chunk: int) -> bool:
-    """Tile the model's ``head`` (an ``LMHead``: labels -> summed cross-entropy)."""
-    head = getattr(model, "head", None)
-    if head is None:  # e.g. a pipeline stage that does not own the head
+def tile_loss(model: DescribedModel, tokens_per_chunk: int) -> bool:
+    """Tile the model's loss head (``loss_head()``, an ``LMHead``: labels -> summed cross-entropy)."""
+    head = model.loss_head()
+    if head is None:  # a pipeline stage that does not hold the head
         return False
     wrap_forward(head, lambda fwd: tiled_loss_forward(fwd, tokens_per_chunk), "tiled_loss")
     return True

@@ -1,7 +1,9 @@
 """A Llama-style decoder in plain PyTorch, plus the blocks the looped transformer reuses.
 
 Owns: ``Attention`` (grouped-query, rotary), ``FeedForward`` (SwiGLU), ``Block`` (pre-norm
-residual), ``LMHead`` (final norm + output projection + summed cross-entropy) and ``Llama``.
+residual), ``LMHead`` (final norm + output projection + summed cross-entropy) and ``Llama``,
+which describes its units (``models.units``: the embedding, each block, the head) and runs any
+contiguous run of them (``forward_units``; ``forward`` is the run of all of them).
 No parallelism lives here: ``longtrain.parallel`` shards these modules from outside, swapping
 ``Attention.core`` for a sequence-parallel wrapper and distributing the ``nn.Linear`` weights.
 Names follow torchtitan (``wq``/``wk``/``wv``/``wo``, ``w1``/``w2``/``w3``); ``layers`` is a
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 from longtrain.models.attention import CoreAttention
 from longtrain.models.rope import Rotary, apply_rotary
+from longtrain.models.units import BLOCK, EMBEDDING, HEAD, BlockRef, DescribedModel, ShardUnit, Unit
 
 IGNORE_INDEX = -100
 
@@ -98,11 +101,23 @@ def init_block_(block: Block, std: float, depth_scale: float) -> None:
             nn.init.trunc_normal_(p, std=std, a=-3 * std, b=3 * std)
 
 
-def default_positions(tokens: torch.Tensor) -> torch.Tensor:
-    return torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+def positions_for(units, x: torch.Tensor, position_ids):
+    """``position_ids``, or 0..S-1 for every row when a run starting at the embedding has none
+    (a later run cannot tell the positions of the hidden state it is given)."""
+    if position_ids is not None:
+        return position_ids
+    if units[0].kind != EMBEDDING:
+        raise ValueError(f"running units from {units[0].name!r} needs position_ids: only the tokens "
+                         f"(a run starting at the embedding) imply the default 0..S-1.")
+    return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
 
 
-class Llama(nn.Module):
+class Llama(DescribedModel):
+    """Embedding, ``n_layers`` blocks (``layers.0`` ..), head. Its units: ``tok_embeddings``,
+    ``layers.<i>`` (block index i), ``head``; every block is its own FSDP unit."""
+
+    shared_modules = ("rotary",)
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -126,11 +141,39 @@ class Llama(nn.Module):
             nn.init.trunc_normal_(self.head.output.weight, std=self.cfg.dim ** -0.5)
         self.rotary.reset_parameters()
 
-    def forward(self, tokens, position_ids=None, doc_ids=None, labels=None):
-        if position_ids is None:
-            position_ids = default_positions(tokens)
-        h = self.tok_embeddings(tokens)
+    # ---------------------------------------------------------------- description (models.units)
+
+    @classmethod
+    def units_for(cls, cfg, n_loops: int | None = None) -> list[Unit]:
+        return ([Unit("tok_embeddings", EMBEDDING, ("tok_embeddings",))]
+                + [Unit(f"layers.{i}", BLOCK, (f"layers.{i}",), index=i) for i in range(cfg.n_layers)]
+                + [Unit("head", HEAD, ("head",))])
+
+    def blocks(self) -> list[BlockRef]:
+        return [BlockRef(int(i), f"layers.{i}", b) for i, b in self.layers.items()]
+
+    def shard_units(self) -> list[ShardUnit]:
+        return [ShardUnit(ref.name, ref.module) for ref in self.blocks()]
+
+    def loss_head(self) -> nn.Module | None:
+        return self.head
+
+    def forward_units(self, units, x, position_ids=None, doc_ids=None, labels=None):
+        """Run ``units`` (a contiguous run of ``units()``) on ``x``: the tokens if the run starts
+        with the embedding, else the hidden state the unit before it returned. Returns the hidden
+        state, or after the head the logits (the summed loss with ``labels``)."""
+        position_ids = positions_for(units, x, position_ids)
         cos, sin = self.rotary(position_ids)
-        for layer in self.layers.values():
-            h = layer(h, cos, sin, doc_ids)
-        return self.head(h, labels)
+        h = x
+        for u in units:
+            if u.kind == EMBEDDING:
+                h = self.tok_embeddings(h)
+            elif u.kind == BLOCK:
+                h = self.layers[str(u.index)](h, cos, sin, doc_ids)
+            else:
+                return self.head(h, labels)
+        return h
+
+    def forward(self, tokens, position_ids=None, doc_ids=None, labels=None):
+        """The whole model (or, once ``prune_to`` cut it to a run, that run; see ``forward_units``)."""
+        return self.forward_units(self.units_to_run(), tokens, position_ids, doc_ids, labels)

@@ -4,13 +4,14 @@ Owns: ``LoopedCore`` (the k shared layers run once per call, with that iteration
 deltas), ``LoopLoRA`` (per-iteration low-rank deltas, zero-initialised, attached to the core's
 projections by forward hooks so the blocks stay plain), ``Looped`` (the whole model, with
 prelude-output re-injection, sampled loop counts and truncated backprop through loops) and
-``sample_loops`` (the per-step loop count every rank must agree on).
+``sample_loops`` (the per-step loop count every rank must agree on). ``Looped`` describes its
+units (``models.units``), one of them per core iteration, and runs any contiguous run of them.
 
 Iteration i (0-based) of the core reads the state left by iteration i-1; from the second
 iteration on, the prelude output ``e`` is re-injected (``add``: s + e; ``concat``: a learned
 projection of [s, e]). With R=1 the model is therefore exactly the plain stack
 prelude + core + coda. Truncated backprop runs the first R-B iterations without building a
-graph, so the shared weights get gradient only from the last B.
+graph, so the shared weights get gradient only from the last B (``Unit.builds_graph``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import math
 import torch
 import torch.nn as nn
 
-from longtrain.models.llama import Block, LMHead, default_positions, init_block_
+from longtrain.models.llama import Block, LMHead, init_block_, positions_for
 from longtrain.models.rope import Rotary
+from longtrain.models.units import (BLOCK, EMBEDDING, HEAD, LOOP, BlockRef, DescribedModel, LoRAPoint, ShardUnit,
+                                    Unit)
 
 LORA_TARGETS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
@@ -65,6 +68,7 @@ class LoopedCore(nn.Module):
         self.layers = nn.ModuleDict({str(j): Block(cfg) for j in range(cfg.n_core)})
         self.lora = nn.ModuleDict()
         self.loop_index = 0
+        self._lora_keys: dict[str, tuple[str, str]] = {}  # lora key -> (layer key, linear's path in the block)
         if cfg.lora_rank > 0:
             for j, layer in self.layers.items():
                 for target in LORA_TARGETS:
@@ -72,7 +76,12 @@ class LoopedCore(nn.Module):
                     key = f"{j}_{target.replace('.', '_')}"
                     self.lora[key] = LoopLoRA(lin.in_features, lin.out_features, cfg.loops_max,
                                               cfg.lora_rank, cfg.lora_alpha)
+                    self._lora_keys[key] = (j, target)
                     lin.register_forward_hook(_LoRAHook(self, key))
+
+    def lora_targets(self) -> dict[str, tuple[str, str, LoopLoRA]]:
+        """{lora key: (layer key, path of the linear in that block, the ``LoopLoRA``)}."""
+        return {key: (*self._lora_keys[key], mod) for key, mod in self.lora.items()}
 
     def forward(self, x, i: int, cos, sin, doc_ids=None):
         self.loop_index = i
@@ -94,7 +103,19 @@ def sample_loops(cfg, step: int, seed: int, training: bool) -> int:
     return max(1, min(r, cfg.loops_max))
 
 
-class Looped(nn.Module):
+class Looped(DescribedModel):
+    """Embedding, prelude blocks, the core run R times, coda blocks, head.
+
+    Its units: ``tok_embeddings``, ``prelude.<i>``, ``core@<r>`` (iteration r, all core blocks
+    with that iteration's LoRA), ``coda.<i>``, ``head``. Global block indices run over prelude,
+    core, coda. FSDP units: each prelude and coda block, and the core as ONE unit kept gathered
+    for its R calls. Between units the activation is the hidden state ``h``, or -- from the end of
+    the prelude while a later iteration still re-injects -- ``[h, e]`` concatenated on the last
+    dimension (one tensor, so a pipeline stage sends one activation).
+    """
+
+    shared_modules = ("rotary",)
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -135,29 +156,101 @@ class Looped(nn.Module):
             return s + e
         return self.inject(torch.cat([s, e], dim=-1))
 
-    def run_loops(self, e, n_loops: int, cos, sin, doc_ids=None, start: int = 0, s=None):
-        """Iterations [start, n_loops) of the core; the first ``n_loops - B`` build no graph."""
-        B = self.cfg.backprop_loops or n_loops
-        s = e if s is None else s
-        for i in range(start, n_loops):
-            if i < n_loops - B:
-                with torch.no_grad():
-                    s = self.core(self.reinject(s, e, i), i, cos, sin, doc_ids)
+    # ---------------------------------------------------------------- description (models.units)
+
+    @classmethod
+    def units_for(cls, cfg, n_loops: int | None = None) -> list[Unit]:
+        """``n_loops`` iterations (default ``cfg.loops``); with ``cfg.backprop_loops`` = B, the
+        first ``n_loops - B`` build no graph (truncated backprop through loops)."""
+        n_loops = cfg.loops if n_loops is None else n_loops
+        no_graph = n_loops - (cfg.backprop_loops or n_loops)
+        inject = ("inject",) if cfg.reinject == "concat" else ()
+        return ([Unit("tok_embeddings", EMBEDDING, ("tok_embeddings",))]
+                + [Unit(f"prelude.{i}", BLOCK, (f"prelude.{i}",), index=i) for i in range(cfg.n_prelude)]
+                + [Unit(f"core@{r}", LOOP, ("core",) + (inject if r >= 1 else ()), index=r,
+                        builds_graph=r >= no_graph) for r in range(n_loops)]
+                + [Unit(f"coda.{i}", BLOCK, (f"coda.{i}",), index=i) for i in range(cfg.n_coda)]
+                + [Unit("head", HEAD, ("head",))])
+
+    def blocks(self) -> list[BlockRef]:
+        n_pre, n_core = self.cfg.n_prelude, self.cfg.n_core
+        out = [BlockRef(int(i), f"prelude.{i}", b) for i, b in self.prelude.items()]
+        if self.core is not None:
+            out += [BlockRef(n_pre + int(j), f"core.layers.{j}", b, in_loop=True) for j, b in self.core.layers.items()]
+        return out + [BlockRef(n_pre + n_core + int(i), f"coda.{i}", b) for i, b in self.coda.items()]
+
+    def shard_units(self) -> list[ShardUnit]:
+        pre = [ShardUnit(f"prelude.{i}", b) for i, b in self.prelude.items()]
+        core = [ShardUnit("core", self.core, reshard_after_forward=False)] if self.core is not None else []
+        return pre + core + [ShardUnit(f"coda.{i}", b) for i, b in self.coda.items()]
+
+    def lora_points(self) -> list[LoRAPoint]:
+        if self.core is None:
+            return []
+        return [LoRAPoint(f"core.lora.{key}", mod, f"core.layers.{j}", target)
+                for key, (j, target, mod) in self.core.lora_targets().items()]
+
+    def loop_body(self) -> nn.Module | None:
+        return self.core
+
+    def snapshot_loop_index(self):
+        core = self.core
+        i = core.loop_index
+
+        def restore():
+            core.loop_index = i
+
+        return restore
+
+    def loss_head(self) -> nn.Module | None:
+        return self.head
+
+    def token_wise_modules(self) -> list[tuple[str, nn.Module]]:
+        return [("inject", self.inject)] if self.inject is not None else []
+
+    def _carries_e(self, u: Unit) -> bool:
+        """Whether the activation after ``u`` is ``[h, e]``: from the end of the prelude (the
+        embedding when there is none) until the last iteration that re-injects e."""
+        m = self.cfg
+        if m.reinject == "none":
+            return False
+        if u.kind == LOOP:
+            return u.index < m.loops - 1
+        return u.name == self._prelude_end() and m.loops >= 2
+
+    def _prelude_end(self) -> str:
+        """The unit whose output is the prelude output e (the embedding when there is no prelude)."""
+        return f"prelude.{self.cfg.n_prelude - 1}" if self.cfg.n_prelude else "tok_embeddings"
+
+    def forward_units(self, units, x, position_ids=None, doc_ids=None, labels=None):
+        """Run ``units`` (a contiguous run of ``units()``) on ``x``: the tokens if the run starts
+        with the embedding, else the activation the unit before it returned (see the class doc).
+        Returns that activation, or after the head the logits (the summed loss with ``labels``)."""
+        position_ids = positions_for(units, x, position_ids)
+        cos, sin = self.rotary(position_ids)
+        h, e = x, None
+        if units[0].kind != EMBEDDING:
+            every = self.units()
+            before = every[[u.name for u in every].index(units[0].name) - 1]
+            if self._carries_e(before):
+                h, e = x.chunk(2, dim=-1)
+        for u in units:
+            if u.kind == EMBEDDING:
+                h = self.tok_embeddings(h)
+            elif u.kind == BLOCK:
+                h = self.get_submodule(u.modules[0])(h, cos, sin, doc_ids)
+            elif u.kind == LOOP:
+                with torch.set_grad_enabled(torch.is_grad_enabled() and u.builds_graph):
+                    h = self.core(self.reinject(h, e, u.index), u.index, cos, sin, doc_ids)
             else:
-                s = self.core(self.reinject(s, e, i), i, cos, sin, doc_ids)
-        return s
+                return self.head(h, labels)
+            if u.name == self._prelude_end():
+                e = h
+        return torch.cat([h, e], dim=-1) if self._carries_e(units[-1]) else h
 
     def forward(self, tokens, position_ids=None, doc_ids=None, labels=None, n_loops: int | None = None):
-        n_loops = self.cfg.loops if n_loops is None else n_loops
-        if not 1 <= n_loops <= self.cfg.loops_max:
+        """The whole model with ``n_loops`` iterations (default ``model.loops``), or, once
+        ``prune_to`` cut it to a run, that run (see ``forward_units``)."""
+        if n_loops is not None and not 1 <= n_loops <= self.cfg.loops_max:
             raise ValueError(f"n_loops={n_loops} must be in [1, model.loops_max={self.cfg.loops_max}].")
-        if position_ids is None:
-            position_ids = default_positions(tokens)
-        h = self.tok_embeddings(tokens)
-        cos, sin = self.rotary(position_ids)
-        for layer in self.prelude.values():
-            h = layer(h, cos, sin, doc_ids)
-        h = self.run_loops(h, n_loops, cos, sin, doc_ids)
-        for layer in self.coda.values():
-            h = layer(h, cos, sin, doc_ids)
-        return self.head(h, labels)
+        return self.forward_units(self.units_to_run(n_loops), tokens, position_ids, doc_ids, labels)

@@ -1,26 +1,25 @@
 """Data parallelism: FSDP2 (``fully_shard``) over dp_shard x sp, replicated over dp_replicate.
 
-Owns: ``apply_fsdp(model, dims, cfg)`` -- which modules become FSDP units, the mixed-precision
-policy, and the gradient reduction that makes the result exactly the single-process gradient.
+Owns: ``apply_fsdp(model, dims, cfg)`` -- wrapping the FSDP units the model describes
+(``fsdp_units``), the mixed-precision policy, and the gradient reduction that makes the result
+exactly the single-process gradient. Whether FSDP wraps at all is ``parallel.precision.fsdp_wraps``
+(also importable from here), decided once when the mesh is built and kept as ``dims.fsdp``.
 
 - Sharding mesh: Ulysses ranks hold the same parameters as the dp_shard ranks (only their tokens
   differ), so parameters are sharded over the flattened ``dp_shard_sp`` dimension; with
   ``dp_replicate > 1`` the mesh is 2-D (``dp_replicate``, ``dp_shard_sp``): HSDP, sharded inside a
   group, all-reduced across groups.
-- Units: every transformer ``Block`` of the Llama / the looped prelude and coda, the looped core as
-  ONE unit (its layers and per-loop LoRA are used R times per forward, so they are gathered once
-  and kept -- ``reshard_after_forward=False`` -- instead of R all-gathers, and their gradients
-  accumulate across the R backward passes before reduction), and the root (embedding, head,
-  re-injection projection).
+- Units: what the model's ``shard_units()`` lists -- every transformer block of the Llama / the
+  looped prelude and coda, the looped core as ONE unit (its layers and per-loop LoRA are used R
+  times per forward, so they are gathered once and kept -- ``reshard_after_forward=False`` --
+  instead of R all-gathers, and their gradients accumulate across the R backward passes before
+  reduction) -- and the root (everything else: embedding, head, re-injection projection).
 - Gradient scale: each rank backpropagates ``loss_sum_local / n_global`` (n counted over dp and
   sp), so the exact gradient is the SUM over ranks. FSDP averages by default; here the divide
   factor is 1 and only sum reductions are used (``set_force_sum_reduction_for_comms``, also
   needed by gloo, which has no pre-multiplied sum).
 - No data-parallel peers in bf16 (one process, or tensor / pipeline parallelism alone): FSDP2
-  over a one-rank mesh, used for its mixed precision only (bf16 weights for the matmuls and a
-  bf16 residual stream over fp32 master weights), so such a run computes in the same precision
-  as a data-parallel one and keeps half the activation bytes; plain bf16 autocast over fp32
-  weights would leave the stream -- every saved or offloaded layer input -- in fp32.
+  over a one-rank mesh, used for its mixed precision only (why: ``parallel.precision``).
   ``parallel.param_dtype=fp32`` turns it off. One process gets its one-rank group from
   ``parallel.mesh.init_distributed``; with tp or pp the mesh is the size-1 ``dp_shard_sp`` view
   (composed with the tp placements like any FSDP2 x TP mesh; each pipeline stage is wrapped).
@@ -38,49 +37,17 @@ import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from longtrain.memory.optimizer_offload import fsdp_offload_policy
+from longtrain.models.units import DescribedModel, ShardUnit
+from longtrain.parallel.precision import fsdp_wraps, param_dtype_name
+
+__all__ = ["apply_fsdp", "fsdp_mesh", "fsdp_units", "fsdp_wraps", "mixed_precision"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def param_dtype_name(cfg, device_type: str) -> str:
-    """``parallel.param_dtype`` resolved: "auto" follows the run's compute dtype
-    (``schedule.dtype``, itself bf16 on GPU and fp32 on CPU when "auto")."""
-    param = cfg.parallel.param_dtype
-    if param == "auto":
-        compute = cfg.schedule.dtype
-        if compute == "auto":
-            compute = "bf16" if device_type == "cuda" else "fp32"
-        param = compute
-    return param
 
 
 def mixed_precision(cfg, device: torch.device) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype_name(cfg, device.type)],
                                 reduce_dtype=_DTYPES[cfg.parallel.reduce_dtype])
-
-
-def wants_one_rank_fsdp(cfg, dims, device_type: str) -> bool:
-    """No data-parallel peers (one process, or tensor/pipeline parallelism only) yet bf16 weights
-    wanted for compute: FSDP2 over each rank's one-rank data-parallel mesh gives that -- bf16
-    weights and residual stream over fp32 master weights, as with many data-parallel ranks.
-
-    Without it such a run keeps fp32 weights under bf16 autocast, and autocast leaves the residual
-    stream (every saved or offloaded layer input) fp32: twice the activation bytes.
-    """
-    no_peers = dims.dp_replicate * dims.dp_shard * dims.sp == 1
-    return no_peers and (param_dtype_name(cfg, device_type) == "bf16" or cfg.memory.fsdp_cpu_offload)
-
-
-def one_rank_note(cfg, device_type: str) -> str:
-    """What the one-rank wrapping is for, as the mesh line at start-up says it."""
-    if param_dtype_name(cfg, device_type) == "bf16":
-        note = ("bf16 weights and residual stream over fp32 master weights (FSDP2 on one rank; "
-                "parallel.param_dtype=fp32 turns it off)")
-    else:
-        note = "FSDP2 on one rank, fp32 weights"
-    if cfg.memory.fsdp_cpu_offload:
-        note += "; parameters, gradients and optimizer state in host memory (memory.fsdp_cpu_offload)"
-    return note
 
 
 def fsdp_mesh(dims):
@@ -93,36 +60,38 @@ def fsdp_mesh(dims):
     return dims.get_mesh("dp_shard_sp")
 
 
-def uses_fsdp(dims) -> bool:
-    return dims.dp_replicate * dims.dp_shard * dims.sp > 1 or getattr(dims, "one_rank_fsdp", False)
+def fsdp_units(model: nn.Module) -> list[ShardUnit]:
+    """The FSDP units below the root, as the model describes them (``DescribedModel.shard_units``).
 
-
-def _units(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    """(module, reshard_after_forward) for every FSDP unit below the root, in forward order.
-
-    Read from the models' containers (``layers`` / ``prelude`` / ``coda`` ModuleDicts, the looped
-    ``core``) rather than by type, so a block replaced by a wrapper is still one unit.
+    A model that cannot describe itself is an error, not one unit for everything: the whole model
+    gathered at once is the memory FSDP exists to avoid. So is a description that leaves a
+    transformer block to the root unit.
     """
-    units = []
-    for attr in ("layers", "prelude", "core", "coda"):
-        part = getattr(model, attr, None)
-        if isinstance(part, nn.ModuleDict):
-            units += [(block, True) for block in part.values()]
-        elif isinstance(part, nn.Module):
-            units.append((part, False))  # the looped core: one unit, gathered once for R calls
+    if not isinstance(model, DescribedModel):
+        raise TypeError(
+            f"apply_fsdp: {type(model).__name__} does not describe its units (it is not a "
+            f"longtrain.models.units.DescribedModel), so FSDP cannot tell which modules to shard "
+            f"separately, and wrapping it whole would gather every parameter at once. Derive it from "
+            f"DescribedModel and implement shard_units() and blocks().")
+    units = model.shard_units()
+    inside = {id(m) for u in units for m in u.module.modules()}
+    loose = [b.name for b in model.blocks() if id(b.module) not in inside]
+    if loose:
+        raise ValueError(f"apply_fsdp: {type(model).__name__}.shard_units() leaves the blocks {loose} to the "
+                         f"root unit, which FSDP would keep gathered for the whole step; list them there.")
     return units
 
 
 def apply_fsdp(model: nn.Module, dims, cfg) -> nn.Module:
     """Wrap ``model`` with FSDP2 in place; returns it (now also an ``FSDPModule``)."""
-    if not uses_fsdp(dims):
+    if not dims.fsdp:
         return model
     mesh = fsdp_mesh(dims)
     kw = {"mesh": mesh, "mp_policy": mixed_precision(cfg, dims.device)}
     if (offload := fsdp_offload_policy(cfg)) is not None:
         kw["offload_policy"] = offload
-    for module, reshard in _units(model):
-        fully_shard(module, reshard_after_forward=reshard, **kw)
+    for unit in fsdp_units(model):
+        fully_shard(unit.module, reshard_after_forward=unit.reshard_after_forward, **kw)
     # the root's parameters (embedding, head) are needed again first thing in backward
     fully_shard(model, reshard_after_forward=False, **kw)
     for m in model.modules():

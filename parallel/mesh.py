@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from longtrain.config import ConfigError
-from longtrain.parallel.fsdp import one_rank_note, wants_one_rank_fsdp
+from longtrain.parallel.precision import fsdp_wraps, one_rank_note, param_dtype_name
 from longtrain.parallel.watchdog import CollectiveWatchdog, default_store
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "sp", "tp")
@@ -73,11 +73,17 @@ class ParallelDims:
     flat_meshes: dict = field(default_factory=dict, repr=False)
     # names the stuck rank and operation when a collective hangs (parallel.watchdog); None in one process
     watchdog: Optional["CollectiveWatchdog"] = field(default=None, repr=False, compare=False)
-    # no data-parallel peers, wrapped in FSDP2 over a one-rank mesh for bf16 mixed precision or
-    # memory.fsdp_cpu_offload (parallel.fsdp); for one process this also means a one-rank process
-    # group exists. ``one_rank_note`` says which, on the start-up mesh line.
-    one_rank_fsdp: bool = False
+    # FSDP2 wraps the model (parallel.precision.fsdp_wraps, decided by init_distributed, which
+    # builds the mesh it needs). With no data-parallel peers that is the one-rank wrapping for bf16
+    # mixed precision or memory.fsdp_cpu_offload; for one process it also means a one-rank process
+    # group exists. ``one_rank_note`` says what it is for, on the start-up mesh line.
+    fsdp: bool = False
     one_rank_note: str = "FSDP2 on one rank"
+
+    @property
+    def one_rank_fsdp(self) -> bool:
+        """FSDP2 wraps the model though no rank shares its parameters (see ``fsdp``)."""
+        return self.fsdp and self.dp_replicate * self.dp_shard * self.sp == 1
 
     # ---------------------------------------------------------------- construction and checks
 
@@ -282,8 +288,10 @@ def init_distributed(cfg) -> ParallelDims:
         device = torch.device("cpu")
     # checks before the process group: a config error must not leave other ranks waiting
     dims = ParallelDims.from_config(cfg, world_size, rank=rank, local_rank=local_rank, device=device)
+    wraps = fsdp_wraps(dims.dp_replicate, dims.dp_shard, dims.sp, param_dtype_name(cfg, device.type),
+                       cfg.memory.fsdp_cpu_offload)
     if world_size == 1:
-        if wants_one_rank_fsdp(cfg, dims, device.type):
+        if wraps:
             # FSDP2 needs a mesh even for its mixed precision alone: a one-rank group on an
             # in-memory store (no rendezvous, no MASTER_ADDR), kept with world_size 1 so the rest of
             # the trainer still runs as one process (parallel.fsdp, "One process in bf16")
@@ -292,7 +300,7 @@ def init_distributed(cfg) -> ParallelDims:
                                         store=dist.HashStore(), rank=0, world_size=1,
                                         device_id=device if device.type == "cuda" else None)
             dims.build_mesh(device.type)
-            dims.one_rank_fsdp = True
+            dims.fsdp = True
             dims.one_rank_note = one_rank_note(cfg, device.type)
         return dims
     if not dist.is_initialized():
@@ -304,8 +312,8 @@ def init_distributed(cfg) -> ParallelDims:
                                 timeout=timedelta(seconds=cfg.parallel.init_timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     dims.build_mesh(device.type)
-    # tensor or pipeline parallelism alone: FSDP2 over the one-rank dp_shard_sp mesh for bf16
-    dims.one_rank_fsdp = wants_one_rank_fsdp(cfg, dims, device.type)
+    # tensor or pipeline parallelism alone wraps too: FSDP2 over the one-rank dp_shard_sp mesh
+    dims.fsdp = wraps
     dims.one_rank_note = one_rank_note(cfg, device.type)
     _set_training_timeout(dims, cfg.parallel.timeout_s)
     wd_interval = min(5.0, max(0.2, cfg.parallel.timeout_s / 20))

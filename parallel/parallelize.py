@@ -8,7 +8,8 @@ Owns the order, which matters:
 4. ``torch.compile`` per block (after the wrappers it must trace, before FSDP's hooks)
 5. FSDP2 (shards whatever parameters -- plain or DTensor -- the steps above left)
 
-Works for ``Llama`` and ``Looped`` (its shared core is just more ``Block``s plus its LoRA). In a
+Works for any model that describes itself (``longtrain.models.units.DescribedModel``: ``Llama``,
+``Looped``); every step asks the model for its blocks and units rather than knowing its names. In a
 single process nothing is distributed and only the memory policy (and compile) apply. Pipeline
 stages are split off before this, as their own step (``parallel.pipeline``), which then calls
 ``parallelize`` on each stage model.
@@ -16,45 +17,31 @@ stages are split off before this, as their own step (``parallel.pipeline``), whi
 
 from __future__ import annotations
 
-import torch.nn as nn
-
-from longtrain.models.llama import Block
-from longtrain.parallel.fsdp import apply_fsdp, uses_fsdp
+from longtrain.memory import apply_activation_memory
+from longtrain.models.units import DescribedModel
+from longtrain.parallel.fsdp import apply_fsdp
 from longtrain.parallel.tensor_parallel import apply_tensor_parallel, align_grad_placements
 from longtrain.parallel.ulysses import apply_ulysses
 
 
-def _apply_memory_policy(model: nn.Module, cfg) -> None:
-    """``longtrain.memory.apply_activation_memory`` when present (it works in place and returns a
-    summary for the start-up log, kept as ``model._longtrain_memory_summary``)."""
-    try:
-        from longtrain import memory
-    except ImportError:
-        return
-    fn = getattr(memory, "apply_activation_memory", None)
-    if fn is None:  # memory/ is written alongside this; absent means no policy yet
-        return
-    model._longtrain_memory_summary = fn(model, cfg)
-
-
-def _compile_blocks(model: nn.Module) -> None:
+def _compile_blocks(model: DescribedModel) -> None:
     """``torch.compile`` each transformer block in place (``nn.Module.compile`` keeps parameter
-    names: no ``_orig_mod.`` prefix). The looped core's blocks are compiled one by one; their
-    LoRA hooks read ``core.loop_index``, so expect one recompile per loop index."""
-    for m in model.modules():
-        if isinstance(m, Block):
-            m.compile()
+    names: no ``_orig_mod.`` prefix). A looped core's blocks are compiled one by one; their LoRA
+    hooks read the loop index, so expect one recompile per loop index."""
+    for ref in model.blocks():
+        ref.module.compile()
 
 
-def parallelize(model: nn.Module, dims, cfg) -> nn.Module:
+def parallelize(model: DescribedModel, dims, cfg) -> DescribedModel:
     """Apply TP/SP -> Ulysses -> memory policy -> compile -> FSDP2 to ``model`` (in place)."""
     # with parallel.pp > 1, ``model`` is one pipeline stage (parallel.pipeline.build_pipeline)
     model = apply_tensor_parallel(model, dims)
     model = apply_ulysses(model, dims)
-    _apply_memory_policy(model, cfg)
+    # in place; the summary is for the start-up log
+    model._longtrain_memory_summary = apply_activation_memory(model, cfg)
     if cfg.schedule.compile:
         _compile_blocks(model)
-    if uses_fsdp(dims):
+    if dims.fsdp:
         model = apply_fsdp(model, dims, cfg)
     elif dims.tp > 1:
         align_grad_placements(model)

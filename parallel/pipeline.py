@@ -52,9 +52,18 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+)
+from torch.distributed.tensor import DTensor
 
 from longtrain.config import ConfigError
 from longtrain.models.llama import cross_entropy_sum
+from longtrain.parallel.parallelize import parallelize
 from longtrain.parallel.pipeline_split import (
     MULTI_STAGE_SCHEDULES,
     build_stage_model,
@@ -64,16 +73,10 @@ from longtrain.parallel.pipeline_split import (
     plan_stages,
     stage_ranks,
 )
+from longtrain.parallel.reduce import all_reduce_sum
 
 
 def schedule_class(name: str):
-    from torch.distributed.pipelining import (
-        Schedule1F1B,
-        ScheduleGPipe,
-        ScheduleInterleaved1F1B,
-        ScheduleInterleavedZeroBubble,
-    )
-
     return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B,
             "zero_bubble": ScheduleInterleavedZeroBubble}[name]
 
@@ -95,10 +98,9 @@ def n_microbatches(cfg) -> int:
 _PART_PREFIX = re.compile(r"^parts\.\d+\.")
 
 
-def _module_key(fqn: str) -> str:
-    """Which top-level part (as in ``owned_modules``) a parameter name belongs to."""
-    parts = fqn.split(".")
-    return ".".join(parts[:2]) if parts[0] in ("layers", "prelude", "coda") else parts[0]
+def _under(fqn: str, modules: set[str]) -> bool:
+    """Whether the parameter ``fqn`` belongs to one of ``modules`` (qualified module names)."""
+    return any(fqn.startswith(m + ".") for m in modules)
 
 
 class PipelineModel(nn.Module):
@@ -142,8 +144,6 @@ class PipelineModel(nn.Module):
         return args, kwargs, target
 
     def _pipeline_sum(self, losses: list) -> torch.Tensor:
-        from longtrain.parallel.reduce import all_reduce_sum
-
         local = torch.zeros((), dtype=torch.float64, device=self.dims.device)
         for loss in losses:
             local += loss.detach().double()
@@ -217,8 +217,6 @@ class PipelineModel(nn.Module):
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
@@ -248,9 +246,9 @@ def _plan_shared(pm: PipelineModel, model: nn.Module, local_stages: list[int]) -
     pm.tied_names = {a: c for a, c in canonical.items() if a != c}
     holders: dict[str, list[int]] = defaultdict(list)
     for spec in pm.specs:
-        keep = owned_modules(spec, model.cfg)
+        keep = owned_modules(spec)
         for names in aliases.values():
-            if any(_module_key(a) in keep for a in names):
+            if any(_under(a, keep) for a in names):
                 holders[names[0]].append(spec.index)
     shared = {c: h for c, h in holders.items() if len(h) > 1}
     by_ranks: dict[tuple, list[str]] = defaultdict(list)
@@ -275,10 +273,6 @@ def _plan_shared(pm: PipelineModel, model: nn.Module, local_stages: list[int]) -
 
 def build_pipeline(model: nn.Module, dims, cfg) -> PipelineModel:
     """Split ``model`` into stages, parallelize each, and build the schedule; see module doc."""
-    from torch.distributed.pipelining import PipelineStage
-
-    from longtrain.parallel.parallelize import parallelize
-
     check_pipeline_config(cfg)
     n_stages = n_pipeline_stages(cfg.parallel)
     specs = plan_stages(cfg, n_stages)

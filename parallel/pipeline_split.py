@@ -1,34 +1,34 @@
-"""Cutting a model into pipeline stages: virtual layers, balanced boundaries, pruned stage models.
+"""Cutting a model into pipeline stages: balanced boundaries over its units, pruned stage models.
 
-Owns: the *virtual-layer* view of a model (``virtual_layers``), its cost model, the stage
-boundaries (``stage_boundaries``: balanced automatically or given by ``parallel.pp_boundaries``),
-which rank runs which stage (``stage_ranks``), and ``build_stage_model`` -- a copy of the model
-that keeps only what one stage owns and whose ``forward`` runs only that stage.
+Owns: the stage boundaries (``stage_boundaries``: balanced automatically or given by
+``parallel.pp_boundaries``), which rank runs which stage (``stage_ranks``), what each stage runs
+(``plan_stages`` -> ``StageSpec``) and ``build_stage_model`` -- a copy of the model that keeps only
+what one stage uses and whose ``forward`` runs only that stage.
 
-The idea (torchtitan's): a stage is the model itself with the parts it does not own removed, so
+The idea (torchtitan's): a stage is the model itself with the parts it does not use removed, so
 parameter names (``layers.5.attention.wq.weight``) are the same as in the whole model and
-``parallelize`` / checkpoints treat a stage like a smaller model.
+``parallelize`` / checkpoints treat a stage like a smaller model. The model describes itself
+(``longtrain.models.units``): its forward pass is a list of units -- the embedding, then the
+*virtual layers* the stages are cut from, then the head -- and ``forward_units`` runs any
+contiguous run of them, so a stage runs the model's own code. A Llama's virtual layers are its
+blocks ``layers.0 .. layers.L-1``; a looped transformer is *unrolled*: ``prelude.0 ..``, one
+virtual layer per core iteration ``core@0 .. core@R-1`` (each runs all ``n_core`` shared blocks
+with that iteration's LoRA), ``coda.0 ..``. Every stage running at least one iteration holds a copy
+of the core (and what else that iteration's unit uses); ``parallel.pipeline`` sums those copies'
+gradients so training equals one process. The embedding belongs to the first stage and the head
+to the last. The units are read from the config (``models.units_of``), so the loop count must be
+fixed (``model.loops``).
 
-Virtual layers. A Llama is its blocks ``layers.0 .. layers.L-1``. A looped transformer is
-*unrolled*: ``prelude.0 ..``, then one virtual layer per core iteration ``core@0 .. core@R-1``
-(each runs all ``n_core`` shared blocks with that iteration's LoRA), then ``coda.0 ..``. A stage is
-a contiguous run of virtual layers, so it may hold several iterations of the shared core; every
-stage running at least one iteration holds a copy of the core (and its LoRA tables, and the
-``concat`` re-injection projection when it runs an iteration >= 1). ``parallel.pipeline`` sums
-those copies' gradients so training equals one process. The embedding belongs to the first
-stage and the head to the last. The loop count must therefore be fixed (``model.loops``).
+What travels between stages: the one activation tensor the model's units pass on (for a looped
+model, while a later iteration still re-injects the prelude output, ``[h, e]`` on the last dim).
+Position ids and document ids are *not* passed along: every stage receives the micro-batch's side
+inputs as keyword arguments from the schedule (all ranks of one pipeline read the same batch),
+which keeps the p2p traffic to the activations and needs no integer tensors in the backward pass.
 
-What travels between stages: the hidden state, plus -- for a looped model, while a later stage
-still re-injects -- the prelude output ``e``. Position ids and document ids are *not* passed
-along: every stage receives the micro-batch's side inputs as keyword arguments from the
-schedule (all ranks of one pipeline read the same batch), which keeps the p2p traffic to the
-activations and needs no integer tensors in the backward pass.
-
-Cost model (per token, forward; backward is proportional): a block is its matmul FLOPs plus
-causal attention (``2 * seq * dim``); the head is ``2 * dim * vocab`` plus the cross-entropy
-(counted as one more pass over the logits); the embedding lookup does no matmul and is counted
-as zero compute. Boundaries minimise the most expensive stage, and among those splits the sum
-of squared stage costs (so spare slack is spread, not piled on one stage).
+Cost (``models.units.unit_cost``: forward FLOPs per token, backward is proportional): matmuls,
+causal attention, and for the head the cross-entropy. Boundaries minimise the most expensive
+stage, and among those splits the sum of squared stage costs (so spare slack is spread, not piled
+on one stage).
 """
 
 from __future__ import annotations
@@ -37,61 +37,24 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn as nn
 
 from longtrain.config import ConfigError
+from longtrain.models import DescribedModel, units_of
+from longtrain.models.units import Unit, unit_cost
 
-# --------------------------------------------------------------------------------------------
-# Virtual layers and their cost
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VirtualLayer:
-    """One unit of pipeline work. ``kind``: layer | prelude | core | coda; ``index``: the block
-    index, or the loop iteration for ``core``."""
-
-    kind: str
-    index: int
-    cost: float
-
-    @property
-    def name(self) -> str:
-        if self.kind == "core":
-            return f"core@{self.index}"
-        return f"{'layers' if self.kind == 'layer' else self.kind}.{self.index}"
+def virtual_layers(m) -> list[Unit]:
+    """The units of the model with config ``m`` that stages are cut from, in execution order."""
+    return [u for u in units_of(m) if u.is_layer]
 
 
-def block_cost(m, seq_len: int) -> float:
-    """Forward FLOPs per token of one transformer block (matmuls + causal attention)."""
-    hd = m.head_dim
-    attn_proj = m.dim * hd * (m.n_heads + 2 * m.n_kv_heads) + m.n_heads * hd * m.dim
-    return 2.0 * (attn_proj + 3 * m.dim * m.ffn_dim) + 2.0 * seq_len * m.n_heads * hd
-
-
-def head_cost(m) -> float:
-    """Forward FLOPs per token of the output projection, plus about as much for the softmax/CE."""
-    return 2.0 * m.dim * m.vocab_size + 2.0 * m.vocab_size
-
-
-def embed_cost(m) -> float:
-    """An embedding lookup does no matmul: counted as zero compute (it is memory, not FLOPs)."""
-    return 0.0
-
-
-def virtual_layers(m, seq_len: int) -> list[VirtualLayer]:
-    """The model as a flat list of units, in execution order (a looped core unrolled)."""
-    b = block_cost(m, seq_len)
-    if m.arch == "llama":
-        return [VirtualLayer("layer", i, b) for i in range(m.n_layers)]
-    core = m.n_core * b
-    if m.lora_rank:  # per projection x A^T B^T: 2 * rank * (in + out) per token
-        kv = m.n_kv_heads * m.head_dim
-        in_out = 4 * m.dim + 2 * (m.dim + kv) + 3 * (m.dim + m.ffn_dim)  # wq, wo; wk, wv; w1, w2, w3
-        core += m.n_core * 2.0 * m.lora_rank * in_out
-    return ([VirtualLayer("prelude", i, b) for i in range(m.n_prelude)]
-            + [VirtualLayer("core", i, core) for i in range(m.loops)]
-            + [VirtualLayer("coda", i, b) for i in range(m.n_coda)])
+def _pinned_costs(m, seq_len: int) -> tuple[float, float]:
+    """Cost of the units before the first virtual layer (the first stage's: the embedding) and
+    after the last (the last stage's: the head)."""
+    units = units_of(m)
+    layers = [i for i, u in enumerate(units) if u.is_layer]
+    first = sum(unit_cost(m, u, seq_len) for u in units[:layers[0]])
+    last = sum(unit_cost(m, u, seq_len) for u in units[layers[-1] + 1:])
+    return first, last
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +138,7 @@ def check_pipeline_config(cfg) -> None:
 def stage_boundaries(cfg, n_stages: int) -> list[int]:
     """Start index (into ``virtual_layers``) of every stage after the first."""
     m = cfg.model
-    units = virtual_layers(m, cfg.data.seq_len)
+    units = virtual_layers(m)
     names = ", ".join(f"{i}:{u.name}" for i, u in enumerate(units))
     if len(units) < n_stages:
         raise ConfigError(
@@ -185,7 +148,8 @@ def stage_boundaries(cfg, n_stages: int) -> list[int]:
             + "); use fewer stages or a deeper model.")
     given = cfg.parallel.pp_boundaries
     if given is None or len(given) == 0:
-        return balance([u.cost for u in units], n_stages, embed_cost(m), head_cost(m))
+        first, last = _pinned_costs(m, cfg.data.seq_len)
+        return balance([unit_cost(m, u, cfg.data.seq_len) for u in units], n_stages, first, last)
     b = [int(x) for x in given]
     if len(b) != n_stages - 1 or any(not 0 < x < len(units) for x in b) or b != sorted(set(b)):
         raise ConfigError(
@@ -207,13 +171,13 @@ def stage_ranks(pp: int, n_stages: int) -> list[int]:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """What one stage runs and what crosses its borders."""
+    """What one stage runs: its virtual layers (``units``) and, with the embedding on the first
+    stage and the head on the last, every unit it runs (``run``, what ``forward_units`` takes)."""
 
     index: int
     n_stages: int
-    units: tuple  # VirtualLayer, in order
-    takes_e: bool  # receives the prelude output as a second input (looped)
-    emits_e: bool  # sends it on as a second output
+    units: tuple  # models.units.Unit, the virtual layers, in order
+    run: tuple  # models.units.Unit, everything this stage runs, in order
 
     @property
     def is_first(self) -> bool:
@@ -224,93 +188,28 @@ class StageSpec:
         return self.index == self.n_stages - 1
 
     def describe(self) -> str:
-        names = [u.name for u in self.units]
-        extra = (["tok_embeddings"] if self.is_first else []) + names + (["head"] if self.is_last else [])
-        return f"stage {self.index}: " + " ".join(extra)
+        return f"stage {self.index}: " + " ".join(u.name for u in self.run)
 
 
 def plan_stages(cfg, n_stages: int, boundaries: Optional[list[int]] = None) -> list[StageSpec]:
-    m = cfg.model
-    units = virtual_layers(m, cfg.data.seq_len)
+    every = units_of(cfg.model)
+    units = virtual_layers(cfg.model)
     b = stage_boundaries(cfg, n_stages) if boundaries is None else list(boundaries)
     starts = [0] + b
     ends = b + [len(units)]
-    groups = [tuple(units[s:e]) for s, e in zip(starts, ends)]
-    reinjects = m.arch == "looped" and m.reinject != "none"
-    # e is needed after stage s iff a later stage runs a core iteration >= 1
-    needs_e_after = []
-    for s in range(n_stages):
-        later = [u for g in groups[s + 1:] for u in g]
-        needs_e_after.append(reinjects and any(u.kind == "core" and u.index >= 1 for u in later))
-    return [StageSpec(s, n_stages, groups[s], takes_e=s > 0 and needs_e_after[s - 1], emits_e=needs_e_after[s])
-            for s in range(n_stages)]
+    specs = []
+    for s, (lo, hi) in enumerate(zip(starts, ends)):
+        # the run in the whole unit list: from the first unit (embedding) on the first stage, to
+        # the last (head) on the last one
+        a = 0 if s == 0 else every.index(units[lo])
+        z = len(every) if s == n_stages - 1 else every.index(units[hi - 1]) + 1
+        specs.append(StageSpec(s, n_stages, tuple(units[lo:hi]), tuple(every[a:z])))
+    return specs
 
 
-def owned_modules(spec: StageSpec, m) -> set[str]:
-    """Top-level module paths this stage keeps (everything else is removed)."""
-    keep = {"rotary"}  # no parameters; every stage turns position ids into cos/sin
-    if spec.is_first:
-        keep.add("tok_embeddings")
-    if spec.is_last:
-        keep.add("head")
-    for u in spec.units:
-        if u.kind == "core":
-            keep.add("core")
-            if u.index >= 1 and m.reinject == "concat":
-                keep.add("inject")
-        else:
-            keep.add(u.name)
-    return keep
-
-
-class _StageForward:
-    """Mixed into a pruned model's class: ``forward`` runs one stage's virtual layers only.
-
-    Inputs: the first stage takes ``tokens``; the others take ``h`` (and ``e`` if ``takes_e``).
-    Every stage takes ``position_ids`` / ``doc_ids`` as keyword side inputs. The last stage
-    returns logits (the schedule's loss function sums the cross-entropy); the others return
-    ``h`` or ``(h, e)``.
-    """
-
-    pp_spec: StageSpec
-
-    def forward(self, *inputs, position_ids=None, doc_ids=None):  # noqa: D401
-        spec, m = self.pp_spec, self.cfg
-        e = None
-        if spec.is_first:
-            (tokens,) = inputs
-            h = self.tok_embeddings(tokens)
-            if position_ids is None:
-                position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-            if m.arch == "looped" and m.n_prelude == 0:
-                e = h
-        else:
-            h = _contiguous_grad(inputs[0])
-            if spec.takes_e:
-                e = _contiguous_grad(inputs[1])
-            if position_ids is None:
-                raise ValueError(f"pipeline stage {spec.index} needs position_ids (a keyword side input).")
-        cos, sin = self.rotary(position_ids)
-        for u in spec.units:
-            if u.kind == "layer":
-                h = self.layers[str(u.index)](h, cos, sin, doc_ids)
-            elif u.kind == "prelude":
-                h = self.prelude[str(u.index)](h, cos, sin, doc_ids)
-                if u.index == m.n_prelude - 1:
-                    e = h
-            elif u.kind == "core":
-                h = self.core(self.reinject(h, e, u.index), u.index, cos, sin, doc_ids)
-            else:
-                h = self.coda[str(u.index)](h, cos, sin, doc_ids)
-        if spec.is_last:
-            return self.head(h)
-        if spec.emits_e:
-            if spec.takes_e and not any(u.kind == "prelude" for u in spec.units):
-                # e only passes through: send a copy, not the received buffer or a view of it (the
-                # zero-bubble schedules detach outputs in place, which a view does not allow)
-                e = e.clone()
-            return h, e
-        return h
+def owned_modules(spec: StageSpec) -> set[str]:
+    """Qualified names of the modules whose parameters this stage holds."""
+    return {name for u in spec.run for name in u.modules}
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -326,50 +225,27 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _contiguous_grad(x: torch.Tensor) -> torch.Tensor:
-    return _ContiguousGrad.apply(x) if x.requires_grad else x
-
-
-_STAGE_CLASSES: dict = {}
-
-
-def _stage_class(cls):
-    if cls not in _STAGE_CLASSES:
-        _STAGE_CLASSES[cls] = type(f"{cls.__name__}Stage", (_StageForward, cls), {})
-    return _STAGE_CLASSES[cls]
+def _contiguous_input_grads(module, args):
+    """Forward pre-hook of a stage model: received activations get contiguous gradients."""
+    return tuple(_ContiguousGrad.apply(a) if isinstance(a, torch.Tensor) and a.requires_grad else a
+                 for a in args)
 
 
 @torch.no_grad()
-def build_stage_model(model: nn.Module, spec: StageSpec, device: torch.device) -> nn.Module:
-    """A new model of the same class holding only ``spec``'s parts, with ``model``'s values.
+def build_stage_model(model: DescribedModel, spec: StageSpec, device: torch.device) -> DescribedModel:
+    """A new model of the same class holding only what ``spec`` runs, with ``model``'s values;
+    its ``forward(x, position_ids=..., doc_ids=...)`` runs ``spec.run``.
 
-    Built fresh (on meta, pruned, then materialised) rather than deep-copied: a deep copy would
-    share the looped core's LoRA forward hooks -- closures over the *original* core -- with the
-    copy. Parameter and buffer names are the original ones.
+    Built fresh (on meta, pruned, then materialised) rather than deep-copied, so the whole model
+    is never held twice. Parameter and buffer names are the original ones.
     """
-    from longtrain.models import build_model
-
-    m = model.cfg
     with torch.device("meta"):
-        stage = build_model(m)
-    keep = owned_modules(spec, m)
-    for name in ("tok_embeddings", "head", "core", "inject"):
-        if name not in keep and getattr(stage, name, None) is not None:
-            setattr(stage, name, None)
-    for dict_name in ("layers", "prelude", "coda"):
-        mdict = getattr(stage, dict_name, None)
-        if mdict is None:
-            continue
-        for key in list(mdict.keys()):
-            if f"{dict_name}.{key}" not in keep:
-                del mdict[key]
+        stage = type(model)(model.cfg)
+    stage.prune_to(spec.run)
     stage.to_empty(device=device)
     src = dict(model.named_parameters(remove_duplicate=False))
     src.update(dict(model.named_buffers(remove_duplicate=False)))
     for name, t in [*stage.named_parameters(remove_duplicate=False), *stage.named_buffers(remove_duplicate=False)]:
         t.copy_(src[name])
-    if getattr(stage, "rotary", None) is not None and hasattr(model.rotary, "mscale"):
-        stage.rotary.mscale = model.rotary.mscale
-    stage.__class__ = _stage_class(type(stage))
-    stage.pp_spec = spec
+    stage.register_forward_pre_hook(_contiguous_input_grads)
     return stage

@@ -1,7 +1,10 @@
 """Tensor parallelism (Megatron-style, with sequence parallelism) through DTensor plans.
 
-Owns: the ``parallelize_module`` plans for a ``Block``, the embedding, the LM head, the looped
-model's re-injection projection and its per-loop LoRA, i.e. ``apply_tensor_parallel(model, dims)``.
+Owns: the ``parallelize_module`` plans for a ``Block``, the embedding, the LM head, a model's
+token-wise projections (the looped re-injection) and its per-loop LoRA, i.e.
+``apply_tensor_parallel(model, dims)``. Which modules those are the model says
+(``longtrain.models.units``: its embedding and head units, ``blocks()``, ``token_wise_modules()``,
+``lora_points()``).
 
 Layout over the ``tp`` mesh dimension, per block (torchtitan's plan):
 
@@ -20,9 +23,10 @@ vocabulary with the logits all-gathered, so the cross-entropy is the plain, exac
 rank computes the same loss sum; the trainer reduces losses over dp and sp only).
 
 Looped model: the shared core blocks get the same block plan (they are ordinary ``Block``s called
-R times). Its per-loop LoRA (``x A_i^T B_i^T`` added to a linear's output by a forward hook) is
-sharded like the linear it modifies: for a column-parallel linear, B is split along its output
-rows and A replicated; for a row-parallel one, A is split along its input columns and B
+R times; ``model.blocks()`` lists them with the others). Its per-loop LoRA (``x A_i^T B_i^T`` added
+to a linear's output by a forward hook; ``model.lora_points()`` names each one's linear) is sharded
+like the linear it modifies, on the side ``block_plan`` splits it: for a column-parallel linear,
+B is split along its output rows and A replicated; for a row-parallel one, A is split along its input columns and B
 replicated -- the hook then sees DTensors and adds a delta of the same layout as the linear's own
 output. The ``concat`` re-injection projection acts token-wise on the sequence shard with its
 weight replicated (``SequenceParallel``).
@@ -32,7 +36,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -41,11 +45,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from longtrain.models.llama import Block
-
-# which side of a linear tensor parallel splits (its LoRA is split on the same side)
-_COLWISE = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
-_ROWWISE = ("attention.wo", "feed_forward.w2")
+from longtrain.models.units import EMBEDDING, HEAD, DescribedModel
 
 
 def block_plan() -> dict:
@@ -71,54 +71,57 @@ def block_plan() -> dict:
     }
 
 
-def _blocks(model: nn.Module) -> list[Block]:
-    return [m for m in model.modules() if isinstance(m, Block)]
+def head_plan() -> dict:
+    """The plan for an ``LMHead``: its norm on the sequence shard, the output projection
+    column-parallel over the vocabulary with the logits gathered."""
+    return {"norm": SequenceParallel(),
+            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())}
 
 
-def _shard_lora(model: nn.Module, tp_mesh) -> None:
-    """Distribute each ``LoopLoRA`` consistently with the linear it is hooked on."""
-    core = getattr(model, "core", None)
-    lora = getattr(core, "lora", None)
-    if not lora:
-        return
-    for key, mod in lora.items():
-        # keys are f"{layer}_{target with '.' -> '_'}" (models/looped.py)
-        target = next((t for t in _COLWISE + _ROWWISE if key.endswith("_" + t.replace(".", "_"))), None)
-        if target is None:
-            raise NotImplementedError(f"tensor parallel: no sharding rule for LoRA {key!r}; add its "
-                                      f"linear to _COLWISE or _ROWWISE in parallel/tensor_parallel.py.")
+def _shard_lora(model: DescribedModel, tp_mesh) -> None:
+    """Distribute each low-rank delta the model lists consistently with the linear it modifies:
+    the side ``block_plan`` splits that linear on."""
+    plan = block_plan()
+    for point in model.lora_points():
+        style = plan.get(point.block_path)
+        if not isinstance(style, (ColwiseParallel, RowwiseParallel)):
+            raise NotImplementedError(
+                f"tensor parallel: LoRA {point.name} modifies {point.block}.{point.block_path}, which "
+                f"block_plan() in parallel/tensor_parallel.py does not split column- or row-wise; add it there.")
         # A: [loops, rank, in], B: [loops, out, rank]
-        a_place, b_place = ((Replicate(), Shard(1)) if target in _COLWISE else (Shard(2), Replicate()))
+        a_place, b_place = ((Replicate(), Shard(1)) if isinstance(style, ColwiseParallel) else (Shard(2), Replicate()))
+        mod = point.module
         mod.A = nn.Parameter(distribute_tensor(mod.A.data, tp_mesh, [a_place]))
         mod.B = nn.Parameter(distribute_tensor(mod.B.data, tp_mesh, [b_place]))
 
 
-def apply_tensor_parallel(model: nn.Module, dims) -> nn.Module:
+def apply_tensor_parallel(model: DescribedModel, dims) -> DescribedModel:
     """Shard ``model`` (``Llama`` or ``Looped``) over the ``tp`` mesh dimension, in place."""
     if dims.tp == 1:
         return model
     tp_mesh = dims.get_mesh("tp")
-    cfg = model.cfg
     # the top level: embedding in, head out; the residual stream in between is Shard(1)
-    parallelize_module(model, tp_mesh, {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-        "head.norm": SequenceParallel(),
-        "head.output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
-    })
-    head = getattr(model, "head", None)
-    if cfg.tie_embeddings and getattr(model, "tok_embeddings", None) is not None and head is not None:
+    ends = {u.kind: u for u in model.units() if u.kind in (EMBEDDING, HEAD)}
+    emb = model.held_module(ends[EMBEDDING].modules[0])  # None on a pipeline stage without it
+    head = model.held_module(ends[HEAD].modules[0])
+    # embedding in, head out; the residual stream in between is Shard(1)
+    if emb is not None:
+        parallelize_module(emb, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)))
+    if head is not None:
+        parallelize_module(head, tp_mesh, head_plan())
+    if model.cfg.tie_embeddings and emb is not None and head is not None:
         # both plans shard the [vocab, dim] weight along the vocabulary (Shard(0)), but each
         # distributes its own copy; point the head back at the embedding's DTensor so the tie (one
         # parameter, gradients of both uses summed into it) survives. (A pipeline stage holding only
         # one of the two keeps its own copy; the pipeline sums the copies' gradients across stages.)
-        emb = model.tok_embeddings.weight
-        assert emb.placements == head.output.weight.placements, (emb.placements,)
-        head.output.weight = emb
-    if getattr(model, "inject", None) is not None:
-        # token-wise projection of [state, prelude output] on the sequence shard; replicated weight
-        parallelize_module(model.inject, tp_mesh, SequenceParallel(use_local_output=True))
-    for block in _blocks(model):
-        parallelize_module(block, tp_mesh, block_plan())
+        assert emb.weight.placements == head.output.weight.placements, (emb.weight.placements,)
+        head.output.weight = emb.weight
+    for _, module in model.token_wise_modules():
+        # e.g. the looped re-injection projection of [state, prelude output]: on the sequence
+        # shard, with its weight replicated
+        parallelize_module(module, tp_mesh, SequenceParallel(use_local_output=True))
+    for ref in model.blocks():
+        parallelize_module(ref.module, tp_mesh, block_plan())
     _shard_lora(model, tp_mesh)
     return model
 
@@ -133,8 +136,6 @@ def align_grad_placements(model: nn.Module) -> None:
     optimizers, the norm and the pipeline's sum of a tied weight's copies (whose local tensors
     must have one layout on every stage) see the gradient laid out like the weight.
     """
-    from torch.distributed.tensor import DTensor
-
     def hook(p):
         g = p.grad
         if isinstance(g, DTensor) and g.placements != p.placements:

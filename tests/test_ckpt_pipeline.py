@@ -248,7 +248,7 @@ def test_looped_pipeline_holds_the_core_and_tied_embedding_on_both_stages(runs):
     if runs["arch"] != "looped":
         pytest.skip("the looped model's layout")
     cfg = load_config(None, overrides(MODELS["looped"], runs["root"], PP2))
-    owned = [owned_modules(s, cfg.model) for s in plan_stages(cfg, 2)]
+    owned = [owned_modules(s) for s in plan_stages(cfg, 2)]
     assert all("core" in o for o in owned)
     assert "tok_embeddings" in owned[0] and "head" in owned[1]
 

@@ -82,6 +82,22 @@ def test_single_process_needs_no_process_group(monkeypatch):
     assert all_reduce_sum(torch.tensor(3.0), dims).item() == 3.0
 
 
+def test_fsdp_wraps_with_peers_or_for_bf16_or_host_parameters_and_the_mesh_needs_no_fsdp_module():
+    import ast
+
+    import longtrain.parallel.mesh as mesh
+    from longtrain.parallel.fsdp import fsdp_wraps as from_fsdp
+    from longtrain.parallel.precision import fsdp_wraps
+
+    assert from_fsdp is fsdp_wraps  # one function, importable where FSDP lives
+    assert fsdp_wraps(1, 2, 1, "fp32", False) and fsdp_wraps(2, 1, 1, "fp32", False) and fsdp_wraps(1, 1, 2, "fp32", False)
+    assert not fsdp_wraps(1, 1, 1, "fp32", False)  # one process (or tp/pp alone) in fp32: plain model
+    assert fsdp_wraps(1, 1, 1, "bf16", False) and fsdp_wraps(1, 1, 1, "fp32", True)  # the one-rank wrapping
+    tree = ast.parse(open(mesh.__file__).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "longtrain.parallel.precision" in imported and "longtrain.parallel.fsdp" not in imported
+
+
 def _mesh_worker():
     import torch.distributed as dist
 

@@ -156,7 +156,7 @@ def compare_pipeline(model_over: list[str], parallel: dict, seq_len: int = 16) -
         "names": sorted(got["grads"]),
         "aliases": [[n for n, q in ref.named_parameters(remove_duplicate=False) if q is p]
                     for p in ref.parameters()],
-        "core_stages": [s.index for s in pm.specs if any(u.kind == "core" for u in s.units)],
+        "core_stages": [s.index for s in pm.specs if any(u.kind == "loop" for u in s.units)],
         "loss": max(rel(a, b) for a, b in zip(got["losses"], expect["losses"])),
         "norm1": rel(got["norms"][0], expect["norms"][0]),
         "norm": max(rel(a, b) for a, b in zip(got["norms"], expect["norms"])),

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from longtrain.config import ConfigError, load_config
+from longtrain.models import build_model, units_of
+from longtrain.models.units import unit_cost
 from longtrain.parallel.pipeline_split import (
     balance,
     build_stage_model,
-    head_cost,
     n_pipeline_stages,
     plan_stages,
     stage_boundaries,
@@ -62,20 +63,25 @@ def test_balancing_llama_moves_a_layer_off_the_head_stage_when_the_head_is_expen
     assert stage_boundaries(cheap, 2) == [4]  # the head is small next to 4 blocks: 4 / 4
     big_vocab = cfg_of("model.arch=llama", "model.n_layers=8", "parallel.pp=2", "model.vocab_size=576")
     m = big_vocab.model
-    assert 1.5 < head_cost(m) / virtual_layers(m, 16)[0].cost < 2.5  # the head ~ two blocks
+    head = units_of(m)[-1]
+    assert 1.5 < unit_cost(m, head, 16) / unit_cost(m, virtual_layers(m)[0], 16) < 2.5  # the head ~ two blocks
     assert stage_boundaries(big_vocab, 2) == [5]  # so the last stage takes fewer blocks: 5 / 3
 
 
 def test_looped_unrolls_core_iterations_and_spreads_them_over_stages():
     cfg = cfg_of("model.arch=looped", "model.n_prelude=1", "model.n_core=2", "model.n_coda=1",
                  "model.loops=4", "parallel.pp=2")
-    units = virtual_layers(cfg.model, cfg.data.seq_len)
+    m = cfg.model
+    units = virtual_layers(m)
     assert [u.name for u in units] == ["prelude.0", "core@0", "core@1", "core@2", "core@3", "coda.0"]
-    assert units[1].cost == 2 * units[0].cost  # an iteration runs both core blocks
+    assert unit_cost(m, units[1], 16) == 2 * unit_cost(m, units[0], 16)  # an iteration runs both core blocks
     specs = plan_stages(cfg, 2)
     assert [[u.name for u in s.units] for s in specs] == [["prelude.0", "core@0", "core@1"],
                                                           ["core@2", "core@3", "coda.0"]]
-    assert specs[0].emits_e and specs[1].takes_e  # later iterations re-inject the prelude output
+    # later iterations re-inject the prelude output: the first stage sends [h, e]
+    model = build_model(m)
+    sent = model.forward_units(specs[0].run, torch.randint(0, 64, (2, 16)))
+    assert sent.shape == (2, 16, 2 * m.dim)
 
 
 def test_user_boundaries_and_their_errors():
@@ -108,8 +114,6 @@ def test_pipeline_refuses_sampled_loop_counts_and_truncated_backprop():
     ("looped", ["model.loops=3", "model.n_prelude=0", "model.reinject=add"], 3),
 ])
 def test_stage_models_in_sequence_equal_the_whole_model(arch, extra, n_stages):
-    from longtrain.models import build_model
-
     cfg = cfg_of(f"model.arch={arch}", *extra)
     torch.manual_seed(0)
     model = build_model(cfg.model)

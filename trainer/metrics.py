@@ -1,9 +1,10 @@
 """What a run reports: model FLOPs, MFU, throughput, and where the numbers go.
 
-Owns: the FLOP count of one token (with the common non-causal attention count that Megatron and
-torchtitan report, and the causal count, which is half the attention term), the peak rate MFU is
-measured against, and ``MetricsLogger`` which writes JSONL and TensorBoard events and drives the
-progress bar on the main rank.
+Owns: the peak rate MFU is measured against, and ``MetricsLogger`` which writes JSONL and
+TensorBoard events and drives the progress bar on the main rank. The FLOP count of one token (the
+common non-causal attention count that Megatron and torchtitan report, and the causal count,
+half the attention term) is the model's own: ``longtrain.models.costs.flops_per_token``, kept
+importable from here for the training loop and the benchmarks.
 """
 
 from __future__ import annotations
@@ -14,43 +15,10 @@ from pathlib import Path
 
 import torch
 
+from longtrain.models.costs import flops_per_token  # noqa: F401  (trainer.train and bench/ import it from here)
+
 # Dense bf16 tensor-core peaks by device name (vendor datasheets, dense, no sparsity).
 _GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12}
-
-
-def matmul_params_per_token(m) -> int:
-    """Weights multiplied per token in one forward pass (embedding lookup excluded; a looped core
-    counts once per iteration, since each iteration multiplies by it again)."""
-    d, hd = m.dim, m.head_dim
-    attn = d * m.n_heads * hd * 2 + d * m.n_kv_heads * hd * 2
-    mlp = 3 * d * m.ffn_dim
-    block = attn + mlp
-    total = block * m.n_unrolled_layers + d * m.vocab_size
-    if m.arch == "looped":
-        if m.lora_rank:
-            per = 0
-            for i, o in [(d, m.n_heads * hd), (d, m.n_kv_heads * hd), (d, m.n_kv_heads * hd),
-                         (m.n_heads * hd, d), (d, m.ffn_dim), (m.ffn_dim, d), (d, m.ffn_dim)]:
-                per += m.lora_rank * (i + o)
-            total += per * m.n_core * m.loops
-        if m.reinject == "concat":
-            total += 2 * d * d * max(m.loops - 1, 0)
-    return total
-
-
-def flops_per_token(m, seq_len: int, causal: bool) -> float:
-    """Training FLOPs (forward + backward = 3 x forward) per token at sequence length ``seq_len``.
-
-    Matmuls: 2 FLOPs per weight per token forward. Attention scores and the weighted sum:
-    2 x 2 x seq x (n_heads x head_dim) per token per layer forward, counting the full square;
-    the causal count halves it since only the lower triangle is computed.
-    """
-    dense = 2 * matmul_params_per_token(m)
-    attn = 4 * seq_len * m.n_heads * m.head_dim * m.n_unrolled_layers
-    if causal:
-        attn /= 2
-    return 3.0 * (dense + attn)
-
 
 _cpu_peak_cache: dict = {}
 
