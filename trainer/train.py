@@ -101,7 +101,10 @@ def train(cfg: Config) -> dict:
               f"\n[longtrain] MFU is measured against {peak / 1e12:.3g} TFLOP/s per rank ({peak_src})", flush=True)
     log = MetricsLogger(run_dir, cfg, dims.is_main, sched.steps, state.step)
     last = {}
-    t0 = time.perf_counter()
+    # a throughput window: the steps since the last log line and the time they took. A window may
+    # be shorter than logging.log_every (the last of a run, the first after resuming between two
+    # log steps), so its rates divide by the steps actually in it.
+    t0, window_steps = time.perf_counter(), 0
     try:
         while state.step < sched.steps:
             if dims.watchdog is not None:
@@ -129,8 +132,9 @@ def train(cfg: Config) -> dict:
                 ledger.record(state.step, consumed_before, batches, accepted, loss_f)
             state.step += 1
             state.tokens += int(n_tok)
+            window_steps += 1
             if state.step % cfg.logging.log_every == 0 or state.step == sched.steps:
-                dt = (time.perf_counter() - t0) / cfg.logging.log_every
+                dt = (time.perf_counter() - t0) / window_steps
                 per_tok = flops_per_token(cfg.model if n_loops is None else _with_loops(cfg.model, n_loops),
                                           cfg.data.seq_len, causal=False)
                 tps = tokens_per_step / dt
@@ -138,9 +142,10 @@ def train(cfg: Config) -> dict:
                         "tokens_per_s": tps, "tokens_per_s_per_rank": tps / dims.world_size,
                         "mfu": tps * per_tok / (peak * dims.world_size),
                         "mfu_causal": tps * flops_per_token(cfg.model, cfg.data.seq_len, causal=True) / (peak * dims.world_size),
-                        "step_time_s": dt, "tokens": state.tokens, **_memory_stats(dims.device)}
+                        "step_time_s": dt, "window_steps": window_steps, "tokens": state.tokens,
+                        **_memory_stats(dims.device)}
                 log.log(state.step, last, print_line=state.step % (10 * cfg.logging.log_every) == 0)
-                t0 = time.perf_counter()
+                t0, window_steps = time.perf_counter(), 0
             if eval_loader is not None and sched.eval_every and state.step % sched.eval_every == 0:
                 last["eval_loss"] = evaluate(model, eval_loader, dims, cfg, sched.eval_batches)
                 log.log(state.step, {"eval_loss": last["eval_loss"]}, print_line=True)
