@@ -18,23 +18,11 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from longtrain.memory import apply_activation_memory
 from longtrain.models.llama import Block
 from longtrain.parallel.fsdp import apply_fsdp, uses_fsdp
 from longtrain.parallel.tensor_parallel import apply_tensor_parallel, align_grad_placements
 from longtrain.parallel.ulysses import apply_ulysses
-
-
-def _apply_memory_policy(model: nn.Module, cfg) -> None:
-    """``longtrain.memory.apply_activation_memory`` when present (it works in place and returns a
-    summary for the start-up log, kept as ``model._longtrain_memory_summary``)."""
-    try:
-        from longtrain import memory
-    except ImportError:
-        return
-    fn = getattr(memory, "apply_activation_memory", None)
-    if fn is None:  # memory/ is written alongside this; absent means no policy yet
-        return
-    model._longtrain_memory_summary = fn(model, cfg)
 
 
 def _compile_blocks(model: nn.Module) -> None:
@@ -51,7 +39,8 @@ def parallelize(model: nn.Module, dims, cfg) -> nn.Module:
     # with parallel.pp > 1, ``model`` is one pipeline stage (parallel.pipeline.build_pipeline)
     model = apply_tensor_parallel(model, dims)
     model = apply_ulysses(model, dims)
-    _apply_memory_policy(model, cfg)
+    # in place; the summary is for the start-up log
+    model._longtrain_memory_summary = apply_activation_memory(model, cfg)
     if cfg.schedule.compile:
         _compile_blocks(model)
     if uses_fsdp(dims):

@@ -77,6 +77,11 @@ from longtrain.trainer.signals import EXIT_CODE_CHECKPOINTED, CheckpointedExit
 SAVE_ERRORS = (Exception, CheckpointException)
 
 
+# --------------------------------------------------------------------------------------------
+# Durable writes (the commit of a save)
+# --------------------------------------------------------------------------------------------
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as fh:
