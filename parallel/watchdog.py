@@ -23,9 +23,10 @@ It prints ``rank R stuck in <op> at step S for T s`` (plus who waits where) and 
 the operation, at least D and at most D plus one poll ``interval`` plus scheduling delay; kept as
 ``detection`` too), posts the verdict to the store so every rank's watchdog ends its process too,
 and exits with ``EXIT_CODE_HUNG``: the launcher then stops the job (or restarts it, with
-``launch.max_restarts``) instead of waiting for ever. If the backend's timeout fires first after all, ``watch`` re-raises it with the same
-diagnosis. Cost on the training path: a list append and a ``time.monotonic()`` per marked
-operation; the store traffic is one small write per rank per interval (at most 5 s).
+``launch.max_restarts``) instead of waiting for ever. If the backend's timeout fires first after
+all, ``watch`` re-raises it with the same diagnosis. Cost on the training path: a list append and
+a ``time.monotonic()`` per marked operation; the store traffic is one small write per rank per
+interval (at most 5 s).
 
 With NCCL, collectives are enqueued asynchronously and the wait happens at the next host sync;
 the trainer marks that sync (``sync(loss, grad_norm)``) so a hang is still attributed to a step.

@@ -3,7 +3,8 @@
 Owns: ``train(cfg)``, which every launcher ends up calling in each worker. Features hook in at
 its steps (parallelism in ``setup``; the memory policy inside ``parallelize``; the pipeline
 through ``forward_backward``; checkpoints through the ``Checkpointer``; the signals that stop a
-run through ``signals.SaveOnSignal``) so the loop itself stays on one screen. A single process is the special case of world size 1.
+run through ``signals.SaveOnSignal``) so the loop itself stays on one screen. A single process is
+the special case of world size 1.
 """
 
 from __future__ import annotations
