@@ -13,10 +13,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .prepare import prepare, read_manifest
+from .shards import ShardDocuments
+from .validate import DataError
+
 
 def _prepare(args: argparse.Namespace) -> int:
-    from .prepare import prepare
-
     m = prepare(args.inputs, args.out, tokenizer=args.tokenizer, fmt=args.format, text_field=args.text_field,
                 text_column=args.text_column, workers=args.workers, shard_mb=args.shard_mb,
                 row_group_tokens=args.row_group_tokens, on_bad_document=args.on_bad_document,
@@ -28,10 +30,6 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .prepare import read_manifest
-    from .shards import ShardDocuments
-    from .validate import DataError
-
     d = Path(args.path)
     m = read_manifest(d)
     if m is None:
@@ -83,8 +81,6 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .validate import DataError
-
     parser = argparse.ArgumentParser(prog="longtrain")
     add_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -30,8 +30,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .megatron import MegatronDocuments
 from .packing import build_sequence
 from .sampler import GlobalSampleOrder, split_documents
+from .shards import ShardDocuments
 from .sources import Documents, SyntheticDocuments, stdlib_documents
 from .tokenizer import load_tokenizer
 from .validate import BadDocuments, DataError, check_not_empty, check_vocab
@@ -53,8 +55,6 @@ def open_documents(cfg, vocab_size: int, bad: Optional[BadDocuments] = None) -> 
     if cfg.source == "synthetic":
         docs, pad = SyntheticDocuments(cfg.synthetic_docs, cfg.synthetic_doc_len, vocab_size, cfg.seed), 0
     elif cfg.source == "megatron":
-        from .megatron import MegatronDocuments
-
         _need_path(cfg)
         docs = MegatronDocuments(cfg.path, vocab_size=vocab_size, bad=bad)
         pad = 0
@@ -65,8 +65,6 @@ def open_documents(cfg, vocab_size: int, bad: Optional[BadDocuments] = None) -> 
         if cfg.source == "stdlib":
             docs = stdlib_documents(tok, int(cfg.stdlib_mb * (1 << 20)))
         else:
-            from .shards import ShardDocuments
-
             _need_path(cfg)
             docs = ShardDocuments(cfg.path, vocab_size=vocab_size, tokenizer=tok,
                                   verify=cfg.verify_checksums, bad=bad)

@@ -15,18 +15,18 @@ taken as they are (EOD tokens included, as Megatron's preprocessing appends them
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 
 from .sources import Documents
 from .validate import BadDocuments, DataError, check_tokens
 
 
 def _indexed_dataset():
-    try:
-        import warnings
-
+    try:  # megatron-core is optional (longtrain[megatron]): only data.source=megatron needs it
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
@@ -85,8 +85,6 @@ class MegatronDocuments(Documents):
 
 def write_megatron(prefix: str, docs: Sequence[np.ndarray], dtype=np.int32) -> None:
     """Write documents as a Megatron ``.bin``/``.idx`` pair with megatron-core's own builder."""
-    import torch
-
     _, IndexedDatasetBuilder = _indexed_dataset()
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
     for d in docs:

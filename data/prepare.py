@@ -20,12 +20,16 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from .sources import expand_inputs, iter_texts, tokenize_texts
 from .tokenizer import describe, load_tokenizer
@@ -71,9 +75,6 @@ _TOKENIZERS: dict = {}
 def write_shard(index: int, texts: list[tuple[str, str]], out_dir: str, tokenizer: str,
                 row_group_tokens: int, on_bad_document: str) -> dict:
     """Tokenize one shard's documents and write it; returns its manifest entry."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     tok = _TOKENIZERS.get(tokenizer) or _TOKENIZERS.setdefault(tokenizer, load_tokenizer(tokenizer))
     bad = BadDocuments(on_bad_document, fix="pass --on-bad-document skip")
     docs, names = tokenize_texts(tok, texts, bad)
@@ -127,8 +128,6 @@ def _worker_signals() -> None:
     """Pool workers die on SIGTERM (``Pool.terminate``) even when the parent had installed a
     Python handler for it (a trainer in the same process): a forked worker inherits the handler,
     which would only record the signal while the worker waits on the task queue forever."""
-    import signal
-
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
@@ -171,8 +170,6 @@ def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, *, tokenizer: str
         write_manifest(out, manifest)
         bar.update(entry["text_bytes"])
         bar.set_postfix(shards=len(done), tokens=sum(e["tokens"] for e in done.values()))
-
-    from tqdm import tqdm
 
     total = sum(p.stat().st_size for p in files)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not progress, file=sys.stderr)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from .prepare import MANIFEST, read_manifest
 from .sources import Documents
@@ -27,8 +28,6 @@ log = logging.getLogger("longtrain.data")
 
 
 def _open_parquet(path: Path):
-    import pyarrow.parquet as pq
-
     try:
         return pq.ParquetFile(path, memory_map=True)
     except Exception as e:

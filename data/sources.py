@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from .tokenizer import Tokenizer, encode_document
 from .validate import BadDocuments, DataError, check_tokens
@@ -185,8 +186,6 @@ def iter_texts(files: Sequence[Path], fmt: str = "auto", text_field: str = "text
                                         f"string; pass --text-field naming a text field.")
                     yield where, text
         elif kind == "parquet":
-            import pyarrow.parquet as pq
-
             try:
                 pf = pq.ParquetFile(path)
             except Exception as e:

@@ -59,7 +59,7 @@ class HFTokenizer:
     _PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>")
 
     def __init__(self, path: str | os.PathLike, bos: Optional[str] = None, eos: Optional[str] = None):
-        try:
+        try:  # optional (longtrain[hf]): only a Hugging Face tokenizer.json needs it
             from tokenizers import Tokenizer
         except ImportError:  # pragma: no cover - the hf extra is missing
             raise DataError(f"data.tokenizer={str(path)!r} needs the 'tokenizers' package; "

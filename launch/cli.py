@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 
+from longtrain.cli_common import add_config_args, split_config_args
 from longtrain.config import load_config
+from longtrain.launch.local import launch_local
+from longtrain.launch.ray_backend import launch_ray
+from longtrain.launch.slurm import launch_slurm
 
 
 def _launch(ns: argparse.Namespace) -> int:
-    from longtrain.cli import split_config_args
-
     config, overrides = split_config_args(ns.args)
     cfg = load_config(config, overrides)  # fail here, once, not in every worker
     backend = cfg.launch.backend
@@ -23,16 +25,10 @@ def _launch(ns: argparse.Namespace) -> int:
               f"(got launch.backend={backend}).")
         return 2
     if backend == "local":
-        from longtrain.launch.local import launch_local
-
         return launch_local(cfg, config, overrides)
     if backend == "ray":
-        from longtrain.launch.ray_backend import launch_ray
-
         result = launch_ray(cfg, config, overrides)
         return 0 if result is not None else 1
-    from longtrain.launch.slurm import launch_slurm
-
     return launch_slurm(cfg, config, overrides, dry_run=ns.dry_run, wait=ns.wait)
 
 
@@ -41,7 +37,7 @@ def add_cli(subparsers) -> None:
         "launch", help="start a training job: local processes, a Ray cluster or a Slurm job",
         description="Start launch.nodes x launch.nproc_per_node workers on launch.backend "
                     "(local | ray | slurm); each runs `python -m longtrain.launch.worker CONFIG overrides`.")
-    p.add_argument("args", nargs="*", metavar="[CONFIG] [section.key=value ...]")
+    add_config_args(p)
     p.add_argument("--dry-run", action="store_true", help="slurm: print the sbatch script instead of submitting it")
     p.add_argument("--wait", action="store_true", help="slurm: wait for the job (and its requeues) to finish")
     p.set_defaults(func=_launch)

@@ -27,6 +27,12 @@ import sys
 import uuid
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig as ElasticConfig
+from torch.distributed.launcher.api import elastic_launch
+
 from longtrain.config import Config, ConfigError
 from longtrain.launch.env import free_port
 
@@ -37,12 +43,6 @@ def worker_command(config: str | None, overrides: list[str]) -> list[str]:
 
 
 def launch_local(cfg: Config, config: str | None, overrides: list[str]) -> int:
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig as ElasticConfig
-    from torch.distributed.launcher.api import elastic_launch
-
     lc = cfg.launch
     if lc.nodes != 1:
         raise ConfigError(f"launch.nodes={lc.nodes} with launch.backend=local: the local backend starts "

@@ -20,6 +20,9 @@ Owns: ``launch_ray(cfg, config, overrides)``, the driver. The idea:
 GPUs: Ray gives each actor CUDA_VISIBLE_DEVICES with only its own GPU. Co-located workers get
 the union of their node's GPUs instead and LOCAL_RANK points at their own, so device
 ``cuda:LOCAL_RANK`` (what the mesh uses) is the GPU Ray assigned -- and NCCL sees its peers.
+
+Ray is an optional dependency (``longtrain[ray]``): each function that needs it imports it, so
+the other backends run without it installed.
 """
 
 from __future__ import annotations
@@ -30,7 +33,11 @@ import sys
 import time
 from typing import Any, Optional
 
+import torch
+
 from longtrain.config import Config, ConfigError
+from longtrain.launch.env import free_port
+from longtrain.launch.worker import run_worker
 
 _ACTOR_CLASS = None
 
@@ -47,18 +54,12 @@ class TrainWorker:
     def describe(self) -> dict:
         import ray
 
-        from longtrain.launch.env import free_port
-
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 "gpus": [str(g) for g in ray.get_gpu_ids()], "free_port": free_port()}
 
     def run(self, env: dict, config: Optional[str], overrides: list[str]) -> dict:
         os.environ.update(env)
-        import torch
-
         torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
-        from longtrain.launch.worker import run_worker
-
         try:
             return {"ok": True, "result": run_worker(config, overrides)}
         except SystemExit as e:  # a checkpoint-and-stop request (exit code 85) or sys.exit in the entry

@@ -37,8 +37,7 @@ from pathlib import Path
 
 from longtrain.config import Config, ConfigError
 from longtrain.launch.local import worker_command
-
-EXIT_CODE_CHECKPOINTED = 85  # longtrain.trainer.checkpoint.EXIT_CODE_CHECKPOINTED (kept import-free)
+from longtrain.trainer.signals import EXIT_CODE_CHECKPOINTED
 
 
 def _sbatch_lines(cfg: Config) -> list[str]:

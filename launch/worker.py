@@ -24,7 +24,7 @@ import os
 import sys
 from typing import Callable, Optional
 
-from longtrain.cli import split_config_args
+from longtrain.cli_common import split_config_args
 from longtrain.config import Config, ConfigError, load_config
 from longtrain.launch.env import WorkerEnv, normalize_env
 

@@ -1,7 +1,8 @@
 """The ``longtrain`` command: ``train``, ``launch``, ``data``, ``plan``, ``ckpt``.
 
 Owns: argument parsing and dispatch only. Each subsystem registers its own subcommand through an
-``add_cli(subparsers)`` function in its package, so this file does not grow with them.
+``add_cli(subparsers)`` function in its package, so this file does not grow with them; what the
+commands share is ``longtrain.cli_common``.
 ``longtrain train`` with no arguments runs the embedded default: the tiny looped transformer on
 byte-level Python standard-library source, on CPU, in a couple of minutes.
 """
@@ -9,35 +10,22 @@ byte-level Python standard-library source, on CPU, in a couple of minutes.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from longtrain.cli_common import add_config_args, split_config_args
 from longtrain.config import ConfigError, load_config
+from longtrain.data import cli as data_cli
+from longtrain.launch import cli as launch_cli
+from longtrain.memory import cli as memory_cli
+from longtrain.trainer import ckpt_cli
+from longtrain.trainer.train import train
 
-_SUBSYSTEM_CLIS = (
-    "longtrain.launch.cli",
-    "longtrain.data.cli",
-    "longtrain.memory.cli",
-    "longtrain.trainer.ckpt_cli",
-)
-
-
-def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
-    """``[CONFIG] [section.key=value ...]``: the first argument without '=' is the config."""
-    config, overrides = None, []
-    for a in args:
-        if "=" not in a and config is None and not overrides:
-            config = a
-        else:
-            overrides.append(a)
-    return config, overrides
+_SUBSYSTEM_CLIS = (launch_cli, data_cli, memory_cli, ckpt_cli)
 
 
 def _train(ns: argparse.Namespace) -> int:
     config, overrides = split_config_args(ns.args)
     cfg = load_config(config, overrides)
-    from longtrain.trainer.train import train
-
     result = train(cfg)
     if result.get("loss") is not None and ns.print_result:
         print(f"[longtrain] done: step={result['step']} loss={result['loss']:.4f} run_dir={result['run_dir']}")
@@ -51,17 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train. CONFIG is a YAML path or a shipped config name "
                                    "(tiny, tiny-llama, llama3.2-1b, llama3-8b, looped-1b); "
                                    "overrides are section.key=value.")
-    t.add_argument("args", nargs="*", metavar="[CONFIG] [section.key=value ...]")
+    add_config_args(t)
     t.add_argument("--no-print-result", dest="print_result", action="store_false")
     t.set_defaults(func=_train)
     for mod in _SUBSYSTEM_CLIS:
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("longtrain"):
-                continue  # that subsystem is not built yet
-            raise
-        m.add_cli(sub)
+        mod.add_cli(sub)
     return p
 
 

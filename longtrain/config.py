@@ -23,6 +23,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+import longtrain.configs as _packaged_configs_pkg  # the shipped YAMLs (package data of an installed wheel)
+
 
 class ConfigError(ValueError):
     """A user-facing configuration problem; the message says what to change."""
@@ -409,13 +411,7 @@ _CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def _packaged_configs() -> list[Path]:
-    dirs = [_CONFIG_DIR]
-    try:
-        import longtrain.configs as pkg  # installed wheel ships configs/ as package data
-
-        dirs += [Path(p) for p in pkg.__path__]
-    except ImportError:
-        pass
+    dirs = [_CONFIG_DIR, *(Path(p) for p in _packaged_configs_pkg.__path__)]
     return [d for d in dirs if d.is_dir()]
 
 

@@ -7,13 +7,14 @@ the estimates live in ``longtrain.memory.planner``.
 from __future__ import annotations
 
 import argparse
+import copy
+
+from longtrain.cli_common import add_config_args, split_config_args
+from longtrain.config import ConfigError, load_config
+from longtrain.memory.planner import GiB, format_plan, longest_seq_len, plan, resolve_policy, usable
 
 
 def _plan(ns: argparse.Namespace) -> int:
-    from longtrain.cli import split_config_args
-    from longtrain.config import ConfigError, load_config
-    from longtrain.memory.planner import format_plan, plan, resolve_policy
-
     config, overrides = split_config_args(ns.args)
     if ns.gpu_gb is not None:
         overrides.append(f"memory.gpu_budget_gb={ns.gpu_gb}")
@@ -44,8 +45,6 @@ def _plan(ns: argparse.Namespace) -> int:
 
 
 def _longest(cfg, world) -> int:
-    from longtrain.memory.planner import GiB, longest_seq_len, usable
-
     n, p = longest_seq_len(cfg, world)
     if p is None:
         print("longtrain plan --longest: not even 1024 tokens per sequence fit these budgets; raise "
@@ -62,8 +61,6 @@ def _longest(cfg, world) -> int:
 
 
 def _as_auto(cfg):
-    import copy
-
     out = copy.deepcopy(cfg)
     out.memory.policy = "auto"
     return out
@@ -74,8 +71,9 @@ def add_cli(subparsers) -> None:
         "plan", help="estimate per-GPU memory for a config and pick a memory policy",
         description="Print per-rank memory estimates (parameters, gradients, optimizer, activations, "
                     "working and communication buffers) and the estimated step time for the memory policies, "
-                    "fastest first, and the one memory.policy=auto picks (the fastest that fits). CONFIG is a YAML path or shipped config name.")
-    p.add_argument("args", nargs="*", metavar="[CONFIG] [section.key=value ...]")
+                    "fastest first, and the one memory.policy=auto picks (the fastest that fits). CONFIG is a "
+                    "YAML path or shipped config name.")
+    add_config_args(p)
     p.add_argument("--gpu-gb", type=float, default=None, help="GPU budget in GiB (memory.gpu_budget_gb)")
     p.add_argument("--host-gb", type=float, default=None, help="host budget per rank (memory.host_budget_gb)")
     p.add_argument("--longest", action="store_true",

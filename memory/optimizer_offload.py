@@ -23,19 +23,18 @@ tensors with two or more dimensions (matrices, embeddings), not to norms' gains.
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 
 import torch
 import torch.nn as nn
+from torch.distributed.fsdp import CPUOffloadPolicy
+from torch.distributed.tensor import DTensor
 
 from longtrain.config import ConfigError
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return t
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
@@ -54,9 +53,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def cpu_adam_available() -> tuple[bool, str]:
     """Whether ``DeepSpeedCPUAdam`` imports and its C++ op builds/loads here, and why not."""
     try:
-        import logging
-
         logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+        # deepspeed is optional (longtrain[deepspeed]): imported only when the CPU optimizer is asked for
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         from deepspeed.ops.op_builder import CPUAdamBuilder
 
@@ -126,7 +124,7 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         if impl in ("auto", "deepspeed"):
             ok, why = cpu_adam_available()
             if ok:
-                from deepspeed.ops.adam import DeepSpeedCPUAdam
+                from deepspeed.ops.adam import DeepSpeedCPUAdam  # optional; cpu_adam_available imported it
 
                 for g in groups:  # DeepSpeed reads its own keys; drop ours
                     g.pop("name", None)
@@ -285,6 +283,4 @@ def fsdp_offload_policy(cfg):
     """``CPUOffloadPolicy`` for ``fully_shard(..., offload_policy=...)`` or None when off."""
     if not cfg.memory.fsdp_cpu_offload:
         return None
-    from torch.distributed.fsdp import CPUOffloadPolicy
-
     return CPUOffloadPolicy(pin_memory=torch.cuda.is_available())

@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from longtrain.memory.recompute import checkpointed, wrap_forward
 from longtrain.models.units import DescribedModel
@@ -61,8 +63,6 @@ def _waited(fwd: Callable) -> Callable:
     parallelism's reduce-scatter after the MLP), is waited for inside the call. A recompute in
     backward runs the chunk again only for what it saved and drops the output: unwaited, each such
     collective would stay registered for the rest of the run (a leak per layer, chunk and step)."""
-    from torch.distributed._functional_collectives import AsyncCollectiveTensor
-
     @functools.wraps(fwd)
     def run(*args, **kwargs):
         out = fwd(*args, **kwargs)
@@ -76,8 +76,6 @@ def _gathered_shards(x) -> int:
     """k > 1 when ``x`` is a sequence that tensor parallelism gathered from k ranks' shards (a
     replicated DTensor on a 1-D mesh: ``parallel.tensor_parallel``'s plan gathers the MLP input and
     scatters the output projection's result back along the sequence)."""
-    from torch.distributed.tensor import DTensor, Replicate
-
     if isinstance(x, DTensor) and x.device_mesh.ndim == 1 and all(isinstance(p, Replicate) for p in x.placements):
         return x.device_mesh.size()
     return 1

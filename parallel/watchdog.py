@@ -18,12 +18,15 @@ the one(s) holding the others up:
   sequence of collectives, so the one behind never reached the collective the others wait in);
 - if nobody is behind, every waiting rank (a deadlock, or a collective the marks do not cover).
 
-It prints ``rank R stuck in <op> at step S for T s`` (plus who waits where), posts the verdict to
-the store so every rank's watchdog ends its process too, and exits with ``EXIT_CODE_HUNG``: the
-launcher then stops the job (or restarts it, with ``launch.max_restarts``) instead of waiting for
-ever. If the backend's timeout fires first after all, ``watch`` re-raises it with the same
-diagnosis. Cost on the training path: a list append and a ``time.monotonic()`` per marked
-operation; the store traffic is one small write per rank per interval (at most 5 s).
+It prints ``rank R stuck in <op> at step S for T s`` (plus who waits where) and when it found it
+(``detected after W s in <op> (deadline D s) at unix time U``: W is how long this rank had been in
+the operation, at least D and at most D plus one poll ``interval`` plus scheduling delay; kept as
+``detection`` too), posts the verdict to the store so every rank's watchdog ends its process too,
+and exits with ``EXIT_CODE_HUNG``: the launcher then stops the job (or restarts it, with
+``launch.max_restarts``) instead of waiting for ever. If the backend's timeout fires first after
+all, ``watch`` re-raises it with the same diagnosis. Cost on the training path: a list append and
+a ``time.monotonic()`` per marked operation; the store traffic is one small write per rank per
+interval (at most 5 s).
 
 With NCCL, collectives are enqueued asynchronously and the wait happens at the next host sync;
 the trainer marks that sync (``sync(loss, grad_norm)``) so a hang is still attributed to a step.
@@ -39,6 +42,9 @@ import threading
 import time
 from datetime import timedelta
 from typing import Callable, Optional
+
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _get_default_store
 
 EXIT_CODE_HUNG = 86  # a process ended by the watchdog; launchers treat it as a failure
 _KEY = "longtrain/watchdog/"
@@ -66,6 +72,8 @@ class CollectiveWatchdog:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.verdict: Optional[str] = None
+        # when this rank's watchdog found a hang: {"op", "after_s" (time in op), "deadline_s", "at" (unix time)}
+        self.detection: Optional[dict] = None
         self._warned = -1
 
     # ---------------------------------------------------------------- the training thread
@@ -137,8 +145,12 @@ class CollectiveWatchdog:
             if verdict is not None:  # another rank found the hang: end this process too
                 self._abort(verdict, posted=True)
                 return
-            if self._stack and time.monotonic() - self._stack[-1][1] >= self.deadline:
+            top = self._stack[-1:]  # one read: the training thread pushes and pops meanwhile
+            op, since = top[0] if top else (None, 0.0)
+            if op is not None and time.monotonic() - since >= self.deadline:
                 if self._hung():
+                    self.detection = {"op": op, "after_s": time.monotonic() - since, "deadline_s": self.deadline,
+                                      "at": time.time()}
                     self._abort(self.diagnose(), posted=False)
                     return
                 if self._warned != self._seq:  # a long step, not (yet) a hang: say so once per operation
@@ -171,7 +183,10 @@ class CollectiveWatchdog:
     def _abort(self, verdict: str, posted: bool) -> None:
         self.verdict = verdict
         who = "another rank's watchdog" if posted else "watchdog"
-        print(f"[longtrain] rank {self.rank}: {who}: {verdict}; exiting with code {EXIT_CODE_HUNG}",
+        found = "" if self.detection is None else (
+            f"; detected after {self.detection['after_s']:.2f} s in {self.detection['op']} (deadline "
+            f"{self.detection['deadline_s']:.2f} s) at unix time {self.detection['at']:.3f}")
+        print(f"[longtrain] rank {self.rank}: {who}: {verdict}{found}; exiting with code {EXIT_CODE_HUNG}",
               file=sys.stderr, flush=True)
         if not posted and self.store is not None:
             try:  # tell every rank (the stuck one too), and give their watchdogs time to read it
@@ -251,8 +266,6 @@ def _in_collective(where: str) -> bool:
 def default_store(init_timeout_s: float = 30.0):
     """A client of the job's TCP store (MASTER_ADDR:MASTER_PORT) with a short timeout of its own,
     else the default group's store; None when neither is reachable."""
-    import torch.distributed as dist
-
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if addr and port:
         try:
@@ -261,8 +274,6 @@ def default_store(init_timeout_s: float = 30.0):
         except Exception:  # noqa: BLE001 - fall back to the group's own store
             pass
     try:
-        from torch.distributed.distributed_c10d import _get_default_store
-
         return _get_default_store()
     except Exception:  # noqa: BLE001
         return None

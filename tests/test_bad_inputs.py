@@ -117,7 +117,7 @@ def entry_without_function(tmp_path):
 
 
 def resume_path_missing(tmp_path):
-    from longtrain.trainer.checkpoint import resolve_checkpoint_path
+    from longtrain.trainer.checkpoint_format import resolve_checkpoint_path
 
     resolve_checkpoint_path(tmp_path / "checkpoints" / "step-7")
 
@@ -221,7 +221,7 @@ def test_the_table_has_at_least_twenty_distinct_inputs():
 
 @pytest.mark.parametrize("trigger,problem,fix", [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
 def test_bad_input_error_names_the_problem_and_the_fix(tmp_path, trigger, problem, fix):
-    from longtrain.trainer.checkpoint import CheckpointError
+    from longtrain.trainer.checkpoint_format import CheckpointError
 
     with pytest.raises((ConfigError, CheckpointError)) as e:
         trigger(tmp_path)

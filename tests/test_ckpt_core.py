@@ -17,9 +17,10 @@ import torch
 from longtrain.config import load_config
 from longtrain.models import build_model
 from longtrain.parallel.mesh import ParallelDims
-from longtrain.trainer.checkpoint import (EXIT_CODE_CHECKPOINTED, CheckpointCorrupt, CheckpointedExit,
-                                          CheckpointError, CheckpointMismatch, Checkpointer, read_latest,
-                                          step_dirs)
+from longtrain.trainer.checkpoint import Checkpointer
+from longtrain.trainer.checkpoint_format import (CheckpointCorrupt, CheckpointError, CheckpointMismatch, read_latest,
+                                                 step_dirs)
+from longtrain.trainer.signals import EXIT_CODE_CHECKPOINTED, CheckpointedExit, SaveOnSignal
 from longtrain.trainer.train import TrainState
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -214,7 +215,7 @@ def test_checkpoint_of_another_model_shape_is_an_error_naming_both(tmp_path):
 
 def test_signal_saves_at_the_next_step_and_exits_with_the_requeue_code(tmp_path):
     _, *objs, ck = make(tmp_path)
-    ck.install_signal_handlers()
+    handlers = SaveOnSignal(ck.request_save)
     try:
         step(*objs)
         ck.after_step()
@@ -226,12 +227,29 @@ def test_signal_saves_at_the_next_step_and_exits_with_the_requeue_code(tmp_path)
         assert e.value.code == EXIT_CODE_CHECKPOINTED
         assert read_latest(tmp_path / "ckpt").name == "step-2"
     finally:
-        ck.uninstall_signal_handlers()
+        handlers.restore()
     ck.request_save()  # no exit: saves (async) and continues
     step(*objs)
     ck.after_step()
     ck.wait()
     assert read_latest(tmp_path / "ckpt").name == "step-3"
+
+
+def test_first_ctrl_c_requests_a_save_and_exit_the_second_interrupts_and_restore_puts_handlers_back():
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)]
+    requests = []
+    handlers = SaveOnSignal(lambda exit_after=False: requests.append(exit_after))
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert requests == [True]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes; this one does not return
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert requests == [True, True]
+    finally:
+        handlers.restore()
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)] == before
 
 
 def test_rollback_restores_weights_but_not_the_data_position(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 
 from dist_utils import run_distributed
 from longtrain.config import load_config
-from longtrain.trainer.checkpoint import CheckpointError, read_latest, step_dirs, verify_checkpoint
+from longtrain.trainer.checkpoint_format import CheckpointError, read_latest, step_dirs, verify_checkpoint
 from test_launch_common import TINY
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from longtrain.config import load_config
-from longtrain.trainer.checkpoint import load_full_model_state, verify_checkpoint
+from longtrain.trainer.checkpoint_format import load_full_model_state, verify_checkpoint
 from longtrain.trainer.guard import NonFiniteError
 from longtrain.trainer.ledger import read_ledger
 from test_launch_common import TINY

@@ -26,7 +26,7 @@ from collections import Counter
 import pytest
 import torch
 
-from longtrain.trainer.checkpoint import load_full_model_state, verify_checkpoint
+from longtrain.trainer.checkpoint_format import load_full_model_state, verify_checkpoint
 from longtrain.trainer.ledger import lineage, read_ledger
 from test_launch_common import TINY, longtrain_cmd, worker_env
 

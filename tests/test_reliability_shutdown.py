@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from longtrain.trainer.checkpoint import read_meta, verify_checkpoint
+from longtrain.trainer.checkpoint_format import read_meta, verify_checkpoint
 from longtrain.trainer.ledger import read_ledger
 from test_launch_common import (TINY, alive, cmdline, descendants, latest_checkpoint_step, longtrain_cmd,
                                 metrics_steps, wait_for, worker_env)

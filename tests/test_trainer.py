@@ -38,3 +38,39 @@ def test_run_writes_config_metrics_and_tensorboard_and_the_loss_falls(tmp_path):
     assert list((d / "tb").glob("events.out.tfevents.*"))
     assert losses[-1] < 0.75 * losses[0]  # byte-level Python source: 5.6 -> well under 4 in 40 steps
     assert result["step"] == 40
+
+
+def _one_second_steps(monkeypatch):
+    """The loop's clock advances by exactly one second per training step (forward_backward), so a
+    window's step time is known whatever the machine's load."""
+    import types
+
+    import longtrain.trainer.train as train_mod
+
+    clock = [0.0]
+    real_fb = train_mod.forward_backward
+
+    def forward_backward(*args, **kwargs):
+        clock[0] += 1.0
+        return real_fb(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "forward_backward", forward_backward)
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+
+def test_throughput_of_a_short_window_divides_by_the_steps_in_it(tmp_path, monkeypatch):
+    """log_every=4 over 6 steps, then resumed to 10: the windows ending at steps 6 (the last of the
+    run) and 8 (the first after resuming at step 6) hold 2 steps, and their step time and tokens/s
+    are those of 2 steps, not of 4."""
+    _one_second_steps(monkeypatch)
+    common = [f"logging.run_dir={tmp_path}/r", "logging.log_every=4", "schedule.eval_every=0",
+              "schedule.warmup_steps=2"]
+    train(load_config("tiny", [*TINY, *common, "schedule.steps=6", "checkpoint.save_final=true"]))
+    train(load_config("tiny", [*TINY, *common, "schedule.steps=10"]))
+    recs = [json.loads(l) for l in open(tmp_path / "r" / "metrics.jsonl") if '"loss"' in l]
+    tokens_per_step = 4 * 64
+    assert [r["step"] for r in recs] == [4, 6, 8, 10]
+    for r in recs:
+        assert r["step_time_s"] == pytest.approx(1.0), r
+        assert r["tokens_per_s"] == pytest.approx(tokens_per_step / 1.0), r
+    assert [r["window_steps"] for r in recs] == [4, 2, 2, 2]

@@ -1,18 +1,10 @@
 """The one checkpoint manager: sharded, asynchronous, atomic saves and exact (or resharded) resume.
 
-Owns: ``Checkpointer`` (what the loop calls: ``maybe_resume``, ``after_step``, ``finish``, plus
-``request_save`` / ``install_signal_handlers`` for on-demand saves and ``rollback`` for the step
-guard) and the on-disk format, which the ``longtrain ckpt`` commands read without a process group.
-
-On disk, under ``checkpoint.dir`` (default ``<run_dir>/checkpoints``)::
-
-    step-200/            a complete checkpoint (torch.distributed.checkpoint shards)
-      .metadata          DCP's index: every tensor's global shape and where its chunks live
-      __<rank>_<i>.distcp  the shards, each rank writes its own
-      config.yaml        the resolved config of the run that wrote it
-      meta.json          step, tokens, the mesh layout it was written with, versions
-    step-300.tmp/        a save in progress (or an interrupted one): never read
-    latest               text file naming the newest committed step directory
+Owns: ``Checkpointer``, what the loop calls (``maybe_resume``, ``after_step``, ``finish``, plus
+``request_save`` for on-demand saves and ``rollback`` for the step guard), and writing and
+committing a checkpoint. The directory format and everything that reads a checkpoint without a
+process group are ``longtrain.trainer.checkpoint_format``; the signals that request a save are
+``longtrain.trainer.signals``.
 
 The idea, per property:
 
@@ -57,89 +49,37 @@ import json
 import os
 import pickle
 import random
-import re
 import shutil
-import signal
 import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-import yaml
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 
-# a single process saves and loads without a process group on purpose; DCP warns about it each time
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+from longtrain.trainer.checkpoint_format import (FORMAT_VERSION, LATEST, LAYOUT_KEYS, CheckpointCorrupt,
+                                                 CheckpointError, CheckpointMismatch, check_model_compatible,
+                                                 check_tensor_shapes, read_config, read_latest, read_meta,
+                                                 resolve_checkpoint_path, step_dirs, verify_checkpoint)
+from longtrain.trainer.hf import load_hf_weights
+from longtrain.trainer.signals import EXIT_CODE_CHECKPOINTED, CheckpointedExit
 
-STEP_DIR_RE = re.compile(r"^step-(\d+)$")
-LATEST = "latest"
-# 2: optimizer state flattened per parameter, keys named as the whole model (1: nested
-# ``param_groups.<i>``, pipeline stage prefixes; still read when no pipeline is involved)
-FORMAT_VERSION = 2
-# A process that saved on SIGTERM/SIGUSR1 and exits so the scheduler can requeue it exits with this
-# code; launchers restart (or requeue) on it without counting a failure.
-EXIT_CODE_CHECKPOINTED = 85
-# model-config fields that decide tensor shapes or which tensors exist: resuming across a change
-# in any of them cannot work
-SHAPE_KEYS = {"llama": ("arch", "vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_dim", "n_layers", "tie_embeddings"),
-              "looped": ("arch", "vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings",
-                         "n_prelude", "n_core", "n_coda", "loops_max", "lora_rank", "reinject")}
-LAYOUT_KEYS = ("dp_replicate", "dp_shard", "sp", "tp", "pp", "world_size")
 # what a failed write raises: DCP reports a rank's failure (ENOSPC, EROFS, ...) to every rank as a
 # CheckpointException, which is a BaseException, so ``except Exception`` alone would let it through
 SAVE_ERRORS = (Exception, CheckpointException)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message names the checkpoint and what is wrong."""
-
-
-class CheckpointCorrupt(CheckpointError):
-    """Incomplete or damaged on disk (missing/truncated files): ``resume=auto`` falls back."""
-
-
-class CheckpointMismatch(CheckpointError):
-    """Complete, but written for another model: never silently skipped."""
-
-
-class CheckpointedExit(SystemExit):
-    """Raised after the save requested by a termination signal: the process exits with
-    ``EXIT_CODE_CHECKPOINTED`` (a ``SystemExit``, so a launcher may also catch it)."""
-
-    def __init__(self, step: int):
-        super().__init__(EXIT_CODE_CHECKPOINTED)
-        self.step = step
-
-
 # --------------------------------------------------------------------------------------------
-# The directory format (no process group needed: the CLI and tests use these too)
+# Durable writes (the commit of a save)
 # --------------------------------------------------------------------------------------------
-
-
-def step_dirs(root: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Committed ``step-N`` directories under ``root``, oldest first (``.tmp`` ones excluded)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        m = STEP_DIR_RE.match(p.name)
-        if m and p.is_dir():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def read_latest(root: str | os.PathLike) -> Optional[Path]:
-    """The step directory ``latest`` names, or None."""
-    f = Path(root) / LATEST
-    if not f.is_file():
-        return None
-    name = f.read_text().strip()
-    return Path(root) / name if name else None
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -164,117 +104,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
-    """A step directory, or a checkpoint root (its ``latest``, else its newest step directory)."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"checkpoint path {str(p)!r} does not exist; give a step directory "
-                              f"(.../checkpoints/step-N) or a checkpoint directory holding them.")
-    if (p / ".metadata").exists() or (p / "meta.json").exists():
-        return p
-    latest = read_latest(p)
-    if latest is not None and latest.is_dir():
-        return latest
-    dirs = step_dirs(p)
-    if dirs:
-        return dirs[-1][1]
-    raise CheckpointError(f"{p} is neither a checkpoint (no .metadata) nor a directory of step-N "
-                          f"checkpoints.")
-
-
-def read_meta(path: str | os.PathLike) -> dict:
-    f = Path(path) / "meta.json"
-    if not f.is_file():
-        raise CheckpointCorrupt(f"checkpoint {path}: meta.json is missing (an incomplete save?).")
-    try:
-        return json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointCorrupt(f"checkpoint {path}: meta.json is unreadable ({e}).") from None
-
-
-def read_config(path: str | os.PathLike) -> dict:
-    f = Path(path) / "config.yaml"
-    if not f.is_file():
-        raise CheckpointCorrupt(f"checkpoint {path}: config.yaml is missing (an incomplete save?).")
-    try:
-        return yaml.safe_load(f.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise CheckpointCorrupt(f"checkpoint {path}: config.yaml is unreadable ({e}).") from None
-
-
-def verify_checkpoint(path: str | os.PathLike):
-    """Check a checkpoint is complete on disk; return DCP's ``Metadata``.
-
-    Complete means: ``.metadata`` present and readable, ``meta.json`` and ``config.yaml``
-    present, and every shard file the metadata references exists and is at least as long as the
-    last byte range it is said to hold. Contents are not checksummed.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointCorrupt(f"checkpoint {path} is not a directory.")
-    if not (path / ".metadata").is_file():
-        raise CheckpointCorrupt(f"checkpoint {path}: .metadata is missing; the save did not finish.")
-    try:
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
-        raise CheckpointCorrupt(f"checkpoint {path}: .metadata is unreadable ({type(e).__name__}: {e}).") from None
-    read_meta(path)
-    read_config(path)
-    need: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        rel = str(info.relative_path)
-        need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
-    for rel, end in sorted(need.items()):
-        f = path / rel
-        if not f.is_file():
-            raise CheckpointCorrupt(f"checkpoint {path}: shard file {rel} is missing.")
-        size = f.stat().st_size
-        if size == 0 or size < end:
-            raise CheckpointCorrupt(f"checkpoint {path}: shard file {rel} is truncated "
-                                    f"({size} bytes, the metadata needs {end}).")
-    return metadata
-
-
-def check_model_compatible(path: Path, saved_cfg: dict, model_cfg) -> None:
-    """Raise ``CheckpointMismatch`` naming every model-shape field that differs."""
-    saved = saved_cfg.get("model", {})
-    keys = SHAPE_KEYS.get(model_cfg.arch, SHAPE_KEYS["looped"])
-    diffs = [f"model.{k}: checkpoint {saved[k]!r}, this run {getattr(model_cfg, k)!r}"
-             for k in keys if k in saved and saved[k] != getattr(model_cfg, k)]
-    if diffs:
-        raise CheckpointMismatch(
-            f"checkpoint {path} was written for a different model shape: " + "; ".join(diffs)
-            + ". Resume with the checkpoint's model settings, or start fresh with checkpoint.resume=none "
-              "(or another checkpoint.dir).")
-
-
-def _global_shape(t) -> tuple:
-    return tuple(t.shape)  # DTensor.shape is the global shape
-
-
-def check_tensor_shapes(path: Path, metadata, prefix: str, state: dict) -> None:
-    """Every tensor of ``state`` (keys under ``prefix``) exists in the checkpoint with its shape."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    saved = metadata.state_dict_metadata
-    missing, wrong = [], []
-    for name, t in state.items():
-        if not isinstance(t, torch.Tensor):
-            continue
-        md = saved.get(f"{prefix}.{name}")
-        if md is None:
-            missing.append(name)
-        elif isinstance(md, TensorStorageMetadata) and tuple(md.size) != _global_shape(t):
-            wrong.append(f"{name}: checkpoint {tuple(md.size)}, model {_global_shape(t)}")
-    if missing or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors {missing[:5]}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
-        if wrong:
-            parts.append("shape differs: " + "; ".join(wrong[:5]))
-        raise CheckpointMismatch(f"checkpoint {path} does not fit this model's {prefix}: " + ", ".join(parts) + ".")
-
-
 # --------------------------------------------------------------------------------------------
 # Small states and RNG
 # --------------------------------------------------------------------------------------------
@@ -289,15 +118,11 @@ def _unblob(b: Any) -> Any:
 
 
 def rng_state() -> dict:
-    import numpy as np
-
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s: dict) -> None:
-    import numpy as np
-
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
@@ -402,7 +227,6 @@ class Checkpointer:
         # so a request that lands mid-decision is kept for the next step instead of being cleared
         self._save_requests = self._exit_requests = 0
         self._save_seen = self._exit_seen = 0
-        self._signals_installed: list = []
         self._rollbacks: dict[str, int] = {}
         self.loaded_from: Optional[Path] = None
         self._staging = None  # checkpoint.staging=background: the copy off the GPU still running
@@ -446,8 +270,6 @@ class Checkpointer:
             raise CheckpointError(f"no usable checkpoint in {self.root}: " + " | ".join(failures)
                                   + " Delete the damaged directories or set checkpoint.resume=none.")
         if self.ccfg.init_from_hf:
-            from longtrain.trainer.hf import load_hf_weights
-
             load_hf_weights(self.model, self.ccfg.init_from_hf, self.cfg.model)
             if self.is_main:
                 _log(f"initialised weights from Hugging Face checkpoint {self.ccfg.init_from_hf}")
@@ -483,7 +305,6 @@ class Checkpointer:
         if self.ccfg.save_final and self._last_saved_step != self.step:
             self.save(sync=True)
         self.wait()
-        self.uninstall_signal_handlers()
         if self._staging_hook is not None:
             self._staging_hook.remove()
             self._staging_hook = None
@@ -496,34 +317,11 @@ class Checkpointer:
     # ---------------------------------------------------------------- on demand
 
     def request_save(self, exit_after: bool = False) -> None:
-        """Save at the next ``after_step`` (safe to call from a signal handler)."""
+        """Save at the next ``after_step``, then (``exit_after``) raise ``CheckpointedExit``. Safe to
+        call from a signal handler (``longtrain.trainer.signals.SaveOnSignal`` does)."""
         self._save_requests += 1
         if exit_after:
             self._exit_requests += 1
-
-    def install_signal_handlers(self, signals=(signal.SIGTERM, signal.SIGUSR1), exit_after: bool = True) -> None:
-        """On each of ``signals``: save at the next step, then (``exit_after``) exit with
-        ``EXIT_CODE_CHECKPOINTED``. Only the main thread may install handlers; others are ignored."""
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in signals:
-            prev = signal.getsignal(sig)
-
-            def handler(signum, frame, _exit=exit_after):
-                self.request_save(exit_after=_exit)
-
-            signal.signal(sig, handler)
-            self._signals_installed.append((sig, prev))
-
-    def uninstall_signal_handlers(self) -> None:
-        for sig, prev in reversed(self._signals_installed):
-            try:
-                signal.signal(sig, prev)
-            except (ValueError, TypeError):
-                pass
-        self._signals_installed = []
 
     def rollback(self, reason: str = "") -> Path:
         """Reload the newest complete checkpoint after a bad step (``optim.on_nonfinite=rollback``).
@@ -561,8 +359,6 @@ class Checkpointer:
         ours) would wait right after staging starts instead."""
         if self.ccfg.staging != "background" or not self.ccfg.async_save:
             return None, None
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
         cuda = getattr(getattr(self.dims, "device", None), "type", "cpu") == "cuda"
         stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
                                               use_async_staging=True, use_non_blocking_copy=cuda))
@@ -722,8 +518,6 @@ class Checkpointer:
 
     def load(self, path: str | os.PathLike, restore_data: bool = True) -> None:
         """Load a checkpoint into the live objects (any layout: DCP reshards)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
         self.wait_staged()  # a save still copying these tensors must finish before they change
         path = Path(path)
         metadata = verify_checkpoint(path)
@@ -795,9 +589,6 @@ class Checkpointer:
         ``param_groups.<i>.params`` lists of the stages collided and DCP kept one rank's, so the
         other stages lost their hyper-parameters on resume.)
         """
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_state_dict)
-
         opts = StateDictOptions(flatten_optimizer_state_dict=flat_optim)
         if self.optimizer is None:
             msd, osd = get_model_state_dict(self.model, options=opts), None
@@ -826,52 +617,3 @@ class Checkpointer:
     def _barrier(self) -> None:
         if self.distributed:
             dist.barrier(group=self.pg)
-
-
-# --------------------------------------------------------------------------------------------
-# Reading a checkpoint without a process group (CLI, export)
-# --------------------------------------------------------------------------------------------
-
-
-def load_full_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The model tensors of a checkpoint as full (unsharded) CPU tensors, keyed by parameter name."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    path = Path(path)
-    metadata = verify_checkpoint(path)
-    model = {}
-    for fqn, md in metadata.state_dict_metadata.items():
-        if fqn.startswith("model.") and isinstance(md, TensorStorageMetadata):
-            model[fqn[len("model."):]] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-    if not model:
-        raise CheckpointCorrupt(f"checkpoint {path} holds no model tensors.")
-    state = {"model": model}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    return state["model"]
-
-
-def describe_checkpoint(path: str | os.PathLike) -> dict:
-    """What ``longtrain ckpt inspect`` prints: step, layout, tensors with shapes and bytes."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-
-    path = Path(path)
-    metadata = verify_checkpoint(path)
-    meta = read_meta(path)
-    tensors, blobs = [], []
-    for fqn, md in sorted(metadata.state_dict_metadata.items()):
-        if isinstance(md, TensorStorageMetadata):
-            n = 1
-            for s in md.size:
-                n *= int(s)
-            nbytes = n * md.properties.dtype.itemsize
-            tensors.append({"name": fqn, "shape": list(md.size), "dtype": str(md.properties.dtype).replace("torch.", ""),
-                            "bytes": nbytes, "chunks": len(md.chunks)})
-        elif isinstance(md, BytesStorageMetadata):
-            blobs.append(fqn)
-    files = sorted(p for p in path.iterdir() if p.is_file())
-    return {"path": str(path), "step": meta.get("step"), "tokens": meta.get("tokens"), "layout": meta.get("layout"),
-            "arch": meta.get("arch"), "time": meta.get("time"), "torch": meta.get("torch"),
-            "tensors": tensors, "objects": blobs,
-            "tensor_bytes": sum(t["bytes"] for t in tensors),
-            "disk_bytes": sum(p.stat().st_size for p in files), "files": len(files)}
-

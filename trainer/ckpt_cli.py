@@ -1,7 +1,8 @@
 """``longtrain ckpt``: list, inspect, consolidate and convert checkpoints without a process group.
 
-Owns: the argparse wiring only; the work is in ``longtrain.trainer.checkpoint`` (the on-disk
-format) and ``longtrain.trainer.hf`` (Hugging Face Llama conversion).
+Owns: the argparse wiring only; the work is in ``longtrain.trainer.checkpoint_format`` (the
+on-disk format, read without a process group) and ``longtrain.trainer.hf`` (Hugging Face Llama
+conversion).
 
     longtrain ckpt list DIR                      committed checkpoints, their step, size, layout
     longtrain ckpt inspect PATH [--json]         tensors (name, shape, dtype, bytes), totals, layout
@@ -18,6 +19,14 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from longtrain.config import ConfigError
+from longtrain.trainer.checkpoint_format import (LAYOUT_KEYS, CheckpointError, describe_checkpoint, read_latest,
+                                                 read_meta, resolve_checkpoint_path, step_dirs, verify_checkpoint)
+from longtrain.trainer.hf import export_hf, hf_model_config, read_hf_config
+
 
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -30,12 +39,10 @@ def _human(n: float) -> str:
 def _layout(lay: dict | None) -> str:
     if not lay:
         return "?"
-    return " ".join(f"{k}={lay[k]}" for k in ("dp_replicate", "dp_shard", "sp", "tp", "pp", "world_size") if k in lay)
+    return " ".join(f"{k}={lay[k]}" for k in LAYOUT_KEYS if k in lay)
 
 
 def _list(ns) -> int:
-    from longtrain.trainer.checkpoint import CheckpointError, read_latest, read_meta, step_dirs, verify_checkpoint
-
     root = Path(ns.dir)
     if not root.is_dir():
         print(f"longtrain ckpt list: {root} is not a directory", file=sys.stderr)
@@ -65,8 +72,6 @@ def _list(ns) -> int:
 
 
 def _inspect(ns) -> int:
-    from longtrain.trainer.checkpoint import describe_checkpoint, resolve_checkpoint_path
-
     d = describe_checkpoint(resolve_checkpoint_path(ns.path))
     if ns.json:
         print(json.dumps(d, indent=1))
@@ -89,10 +94,6 @@ def _inspect(ns) -> int:
 
 
 def _consolidate(ns) -> int:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    from longtrain.trainer.checkpoint import resolve_checkpoint_path, verify_checkpoint
-
     path = resolve_checkpoint_path(ns.path)
     verify_checkpoint(path)
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
@@ -102,18 +103,12 @@ def _consolidate(ns) -> int:
 
 
 def _export_hf(ns) -> int:
-    from longtrain.trainer.hf import export_hf
-
     out = export_hf(ns.path, ns.outdir, dtype=ns.dtype)
     print(f"wrote Hugging Face Llama checkpoint to {out} (config.json + safetensors, {ns.dtype})")
     return 0
 
 
 def _hf_config(ns) -> int:
-    import yaml
-
-    from longtrain.trainer.hf import hf_model_config, read_hf_config
-
     m = hf_model_config(read_hf_config(ns.hfdir), where=f"{ns.hfdir}/config.json")
     d = dataclasses.asdict(m)
     keep = ("arch", "vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_dim", "n_layers", "norm_eps", "rope_theta",
@@ -125,9 +120,6 @@ def _hf_config(ns) -> int:
 
 def _guard(fn):
     def run(ns):
-        from longtrain.config import ConfigError
-        from longtrain.trainer.checkpoint import CheckpointError
-
         try:
             return fn(ns)
         except (CheckpointError, ConfigError) as e:

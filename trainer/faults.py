@@ -37,6 +37,9 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+from torch.distributed.checkpoint import filesystem
+
 from longtrain.config import ConfigError
 
 ENV = "LONGTRAIN_FAULT"
@@ -135,8 +138,6 @@ class FaultInjector:
     # ---------------------------------------------------------------- hooks
 
     def install(self, model, optimizer, dims) -> "FaultInjector":
-        import torch
-
         phases = {f.phase for f in self.faults}
         if phases & {"forward", "backward"}:
             mid = _middle_module(model)
@@ -196,8 +197,6 @@ def _middle_module(model):
 
 def _patch_checkpoint_writer(inj: FaultInjector):
     """Wrap DCP's file writer so a fault can fire inside a checkpoint write (restored by the caller)."""
-    from torch.distributed.checkpoint import filesystem
-
     cls = filesystem._FileSystemWriter
     original = cls.write_data
 

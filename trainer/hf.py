@@ -22,8 +22,11 @@ import os
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-from longtrain.config import ConfigError, ModelConfig, RopeScalingConfig
+from longtrain.config import ConfigError, ModelConfig, RopeScalingConfig, config_from_dict
+from longtrain.models import build_model
+from longtrain.trainer.checkpoint_format import load_full_model_state, read_config, resolve_checkpoint_path
 
 _GLOBAL = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "head.norm.weight",
            "lm_head.weight": "head.output.weight"}
@@ -238,7 +241,7 @@ def _safetensors_files(d: Path) -> list[Path]:
 
 def read_hf_state_dict(hf_dir: str | os.PathLike, m: ModelConfig) -> dict[str, torch.Tensor]:
     """HF safetensors renamed to our parameter names (full tensors, on CPU)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # optional (longtrain[hf]): only HF import/export needs it
 
     d = Path(hf_dir)
     out, unknown = {}, []
@@ -268,10 +271,6 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | os.PathLike, m: ModelC
     ``model.checkpoint_key`` where it has one -- the mapping checkpoints use, which drops a
     ``PipelineModel``'s ``parts.<i>.`` stage prefix.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-
-    from longtrain.models import build_model
-
     hf = read_hf_config(hf_dir)
     theirs = hf_model_config(hf, m, where=f"{hf_dir}/config.json")
     diffs = [f"model.{k}={getattr(m, k)!r} vs {getattr(theirs, k)!r}" for k in HF_SHAPE_KEYS
@@ -304,7 +303,7 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | os.PathLike, m: ModelC
 def write_hf(state: dict[str, torch.Tensor], m: ModelConfig, out_dir: str | os.PathLike, dtype: str = "float32",
              max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write our full state dict as an HF Llama directory: config.json + safetensors (+ index)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # optional (longtrain[hf]): only HF import/export needs it
 
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     out = Path(out_dir)
@@ -343,9 +342,6 @@ def write_hf(state: dict[str, torch.Tensor], m: ModelConfig, out_dir: str | os.P
 
 def export_hf(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32") -> Path:
     """A longtrain DCP checkpoint (step directory or checkpoint root) to an HF Llama directory."""
-    from longtrain.config import config_from_dict
-    from longtrain.trainer.checkpoint import load_full_model_state, read_config, resolve_checkpoint_path
-
     path = resolve_checkpoint_path(ckpt_path)
     cfg = config_from_dict(read_config(path))
     if cfg.model.arch != "llama":

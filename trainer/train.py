@@ -2,21 +2,38 @@
 
 Owns: ``train(cfg)``, which every launcher ends up calling in each worker. Features hook in at
 its steps (parallelism in ``setup``; the memory policy inside ``parallelize``; the pipeline
-through ``forward_backward``; checkpoints through the ``Checkpointer``) so the loop itself stays
-on one screen. A single process is the special case of world size 1.
+through ``forward_backward``; checkpoints through the ``Checkpointer``; the signals that stop a
+run through ``signals.SaveOnSignal``) so the loop itself stays on one screen. A single process is
+the special case of world size 1.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from longtrain.config import Config
+from longtrain.data.loader import build_loader
+from longtrain.memory.optimizer_offload import build_optimizer
+from longtrain.memory.planner import resolve_policy
+from longtrain.models import build_model, sample_loops
+from longtrain.models.attention import describe_backends
+from longtrain.parallel.mesh import init_distributed
+from longtrain.parallel.parallelize import parallelize
+from longtrain.parallel.pipeline import build_pipeline
+from longtrain.parallel.reduce import clip_grad_norm_
+from longtrain.trainer.checkpoint import Checkpointer
+from longtrain.trainer.faults import install_faults
+from longtrain.trainer.guard import RollbackRequested, StepGuard
+from longtrain.trainer.hf import resolve_hf_config
+from longtrain.trainer.ledger import SampleLedger
 from longtrain.trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
+from longtrain.trainer.run import start_run
 from longtrain.trainer.schedule import build_lr_scheduler
+from longtrain.trainer.signals import SaveOnSignal
 from longtrain.trainer.step import evaluate, forward_backward
 
 
@@ -41,21 +58,10 @@ class TrainState:
 
 def setup(cfg: Config):
     """Everything the loop needs, built in a fixed order from the config."""
-    from longtrain.data.loader import build_loader
-    from longtrain.memory.optimizer_offload import build_optimizer
-    from longtrain.models import build_model
-    from longtrain.parallel.mesh import init_distributed
-    from longtrain.parallel.parallelize import parallelize
-    from longtrain.parallel.pipeline import build_pipeline
-
     if cfg.checkpoint.init_from_hf:  # the HF config.json fixes the shapes and rotary settings
-        from longtrain.trainer.hf import resolve_hf_config
-
         cfg = resolve_hf_config(cfg)
     dims = init_distributed(cfg)
     if cfg.memory.policy == "auto":
-        from longtrain.memory.planner import resolve_policy
-
         cfg = resolve_policy(cfg, dims)
     torch.manual_seed(cfg.schedule.seed)  # same initial weights on every rank
     with torch.device(dims.device):  # initialise where it runs: an 8B model in seconds on a GPU
@@ -71,22 +77,13 @@ def setup(cfg: Config):
 
 
 def train(cfg: Config) -> dict:
-    from longtrain.models import sample_loops
-    from longtrain.parallel.reduce import clip_grad_norm_
-    from longtrain.trainer.checkpoint import Checkpointer
-    from longtrain.trainer.faults import install_faults
-    from longtrain.trainer.guard import RollbackRequested, StepGuard
-    from longtrain.trainer.ledger import SampleLedger
-    from longtrain.trainer.run import start_run
-
     cfg, dims, model, optimizer, scheduler, loader, eval_loader = setup(cfg)
     run_dir = start_run(cfg, dims)
     state = TrainState()
     ckpt = Checkpointer(cfg, dims, run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                         loader=loader, state=state)
     ckpt.maybe_resume()
-    ckpt.install_signal_handlers()  # SIGUSR1/SIGTERM: save, exit 85; launchers requeue or restart
-    _save_on_first_ctrl_c(ckpt)
+    signals = SaveOnSignal(ckpt.request_save)  # SIGTERM/SIGUSR1/Ctrl-C: save, exit 85; launchers requeue
     guard = StepGuard(cfg, dims.is_main)
     faults = install_faults(model, optimizer, state, dims)  # $LONGTRAIN_FAULT; None (inert) when unset
     ledger = SampleLedger(run_dir, dims, cfg.data.batch_size) if cfg.logging.ledger else None
@@ -95,13 +92,14 @@ def train(cfg: Config) -> dict:
     peak, peak_src = device_peak_flops(dims.device)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * dims.dp_size * sched.grad_accum
     if dims.is_main:
-        from longtrain.models.attention import describe_backends
-
         print(f"[longtrain] {dims.describe()}\n[longtrain] {describe_backends(cfg.model.attn_backend, dims.device)}"
               f"\n[longtrain] MFU is measured against {peak / 1e12:.3g} TFLOP/s per rank ({peak_src})", flush=True)
     log = MetricsLogger(run_dir, cfg, dims.is_main, sched.steps, state.step)
     last = {}
-    t0 = time.perf_counter()
+    # a throughput window: the steps since the last log line and the time they took. A window may
+    # be shorter than logging.log_every (the last of a run, the first after resuming between two
+    # log steps), so its rates divide by the steps actually in it.
+    t0, window_steps = time.perf_counter(), 0
     try:
         while state.step < sched.steps:
             if dims.watchdog is not None:
@@ -129,8 +127,9 @@ def train(cfg: Config) -> dict:
                 ledger.record(state.step, consumed_before, batches, accepted, loss_f)
             state.step += 1
             state.tokens += int(n_tok)
+            window_steps += 1
             if state.step % cfg.logging.log_every == 0 or state.step == sched.steps:
-                dt = (time.perf_counter() - t0) / cfg.logging.log_every
+                dt = (time.perf_counter() - t0) / window_steps
                 per_tok = flops_per_token(cfg.model if n_loops is None else _with_loops(cfg.model, n_loops),
                                           cfg.data.seq_len, causal=False)
                 tps = tokens_per_step / dt
@@ -138,54 +137,32 @@ def train(cfg: Config) -> dict:
                         "tokens_per_s": tps, "tokens_per_s_per_rank": tps / dims.world_size,
                         "mfu": tps * per_tok / (peak * dims.world_size),
                         "mfu_causal": tps * flops_per_token(cfg.model, cfg.data.seq_len, causal=True) / (peak * dims.world_size),
-                        "step_time_s": dt, "tokens": state.tokens, **_memory_stats(dims.device)}
+                        "step_time_s": dt, "window_steps": window_steps, "tokens": state.tokens,
+                        **_memory_stats(dims.device)}
                 log.log(state.step, last, print_line=state.step % (10 * cfg.logging.log_every) == 0)
-                t0 = time.perf_counter()
+                t0, window_steps = time.perf_counter(), 0
             if eval_loader is not None and sched.eval_every and state.step % sched.eval_every == 0:
                 last["eval_loss"] = evaluate(model, eval_loader, dims, cfg, sched.eval_batches)
                 log.log(state.step, {"eval_loss": last["eval_loss"]}, print_line=True)
             ckpt.after_step()
         ckpt.finish()
     finally:  # also on an error or a requested exit: no handler or hook outlives the run
-        ckpt.uninstall_signal_handlers()
+        signals.restore()
         log.close()
         _close_hooks(ledger, faults, dims)
     return {"step": state.step, "tokens": state.tokens, "run_dir": str(run_dir), **last}
 
 
-def _save_on_first_ctrl_c(ckpt) -> None:
-    """SIGINT (Ctrl-C, or the local launcher passing it on) saves a checkpoint at the next step and
-    exits like SIGTERM; a second Ctrl-C interrupts at once."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def on_sigint(signum, frame):
-        ckpt.request_save(exit_after=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    signal.signal(signal.SIGINT, on_sigint)
-
-
 def _close_hooks(ledger, faults, dims) -> None:
-    import signal
-    import threading
-
     if ledger is not None:
         ledger.close()
     if faults is not None:
         faults.remove()
     if dims.watchdog is not None:
         dims.watchdog.stop()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _with_loops(mcfg, n_loops: int):
-    import dataclasses
-
     return dataclasses.replace(mcfg, loops=n_loops)
 
 
