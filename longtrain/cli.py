@@ -1,4 +1,4 @@
-"""The ``longtrain`` command: ``train``, ``launch``, ``data``, ``plan``, ``ckpt``.
+"""The ``longtrain`` command: ``train``, ``launch``, ``data``, ``plan``, ``ckpt``, ``eval``.
 
 Owns: argument parsing and dispatch only. Each subsystem registers its own subcommand through an
 ``add_cli(subparsers)`` function in its package, so this file does not grow with them.
@@ -19,6 +19,7 @@ _SUBSYSTEM_CLIS = (
     "longtrain.data.cli",
     "longtrain.memory.cli",
     "longtrain.trainer.ckpt_cli",
+    "longtrain.trainer.eval_cli",
 )
 
 

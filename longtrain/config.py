@@ -249,6 +249,20 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """``longtrain eval``: loss by position, passkey retrieval, loss against loop count (trainer/evaluate.py)."""
+
+    batches: int = 4  # held-out global batches for the loss by position and by loop count
+    passkey_lengths: list = field(default_factory=list)  # tokens; [] = data.seq_len / 8, / 4, / 2, / 1
+    passkey_depths: list = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # where the key sits
+    passkey_trials: int = 4  # keys per (length, depth) cell
+    loops: list = field(default_factory=list)  # looped models; [] = 1 .. model.loops_max + loops_past
+    loops_past: int = 2  # loop counts past model.loops_max (only where model.lora_rank=0)
+    every_eval: bool = False  # also run it (no loops past loops_max) at every schedule.eval_every step
+    plots: bool = True  # PNG plots next to the JSON (needs matplotlib: pip install 'longtrain[plots]')
+
+
+@dataclass
 class RayConfig:
     """``launch.backend=ray``: one actor per worker in a placement group (see launch/ray_backend.py)."""
 
@@ -304,6 +318,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     @property
@@ -327,7 +342,7 @@ _POSITIVE = {
     "data.batch_size", "optim.lr", "schedule.grad_accum", "parallel.dp_replicate", "parallel.tp",
     "parallel.sp", "parallel.pp", "parallel.pp_virtual_stages", "checkpoint.keep_last",
     "launch.nodes", "launch.nproc_per_node", "launch.slurm.cpus_per_task", "parallel.timeout_s", "parallel.init_timeout_s",
-    "memory.host_budget_gb",
+    "memory.host_budget_gb", "eval.batches", "eval.passkey_trials",
 }
 _NON_NEGATIVE = {
     "model.n_prelude", "model.n_coda", "model.backprop_loops", "model.lora_rank",
@@ -335,7 +350,7 @@ _NON_NEGATIVE = {
     "schedule.eval_every", "memory.tiled_mlp", "memory.tiled_loss", "memory.offload_prefetch", "checkpoint.every_steps",
     "checkpoint.keep_every", "checkpoint.every_seconds", "checkpoint.max_rollbacks", "launch.max_restarts", "launch.master_port", "launch.ray.num_cpus",
     "launch.ray.cpus_per_worker", "launch.ray.gpus_per_worker", "launch.slurm.gpus_per_node",
-    "launch.slurm.signal_seconds", "optim.spike_factor", "memory.gpu_budget_gb",
+    "launch.slurm.signal_seconds", "optim.spike_factor", "memory.gpu_budget_gb", "eval.loops_past",
 }
 
 
