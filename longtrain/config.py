@@ -1,7 +1,7 @@
 """The one typed configuration tree of longtrain.
 
 Owns: the dataclasses for every section (model, parallel, memory, data, optim, schedule,
-checkpoint, logging, launch), loading them from YAML files, applying ``section.key=value``
+checkpoint, logging, eval, launch), loading them from YAML files, applying ``section.key=value``
 overrides from the command line, and checking every key and value with an error that names the
 key, what was given, what is allowed and -- for a typo -- the nearest valid key.
 
@@ -410,6 +410,10 @@ def validate(cfg: Config) -> Config:
     if cfg.schedule.warmup_steps > cfg.schedule.steps:
         raise ConfigError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds "
                           f"schedule.steps={cfg.schedule.steps}; shorten the warmup.")
+    if cfg.eval.every_eval and (cfg.parallel.pp > 1 or not cfg.schedule.eval_every):
+        raise ConfigError(f"eval.every_eval=true needs schedule.eval_every > 0 and parallel.pp=1 (got "
+                          f"{cfg.schedule.eval_every} and {cfg.parallel.pp}); evaluate a pipeline run's checkpoints "
+                          f"with `longtrain eval RUN_DIR parallel.pp=1` instead.")
     if cfg.data.source in ("shards", "megatron") and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path; point it at the prepared "
                           f"dataset (see `longtrain data prepare`).")

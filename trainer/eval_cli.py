@@ -1,4 +1,4 @@
-"""``longtrain eval RUN_DIR|CHECKPOINT [section.key=value ...] [--nproc N]``: long-context evaluation.
+"""``longtrain eval [--nproc N] RUN_DIR|CHECKPOINT [section.key=value ...]``: long-context evaluation.
 
 Owns: the argparse wiring only; the evaluation is ``longtrain.trainer.evaluate``. The model is
 built from the checkpoint's saved config (the overrides apply on top: a longer ``data.seq_len``,

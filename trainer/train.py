@@ -144,6 +144,10 @@ def train(cfg: Config) -> dict:
             if eval_loader is not None and sched.eval_every and state.step % sched.eval_every == 0:
                 last["eval_loss"] = evaluate(model, eval_loader, dims, cfg, sched.eval_batches)
                 log.log(state.step, {"eval_loss": last["eval_loss"]}, print_line=True)
+                if cfg.eval.every_eval:  # loss by position, passkey, loop counts: <run_dir>/eval/step-N.json
+                    from longtrain.trainer.evaluate import evaluate_in_training
+
+                    evaluate_in_training(model, dims, cfg, state.step, run_dir)
             ckpt.after_step()
         ckpt.finish()
     finally:  # also on an error or a requested exit: no handler or hook outlives the run
