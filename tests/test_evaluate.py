@@ -127,6 +127,7 @@ def test_eval_command_on_a_trained_checkpoint_writes_json_plots_and_tensorboard(
     # the checkpoint evaluated afterwards gives what the training loop's hook measured at that step
     assert r["loss_by_position"] == in_training["loss_by_position"] and r["passkey"] == in_training["passkey"]
     assert [x["loops"] for x in in_training["loss_vs_loops"]] == [1, 2, 3]  # training: up to loops_max
+    assert "not during training" in in_training["loops_note"] and "loops_note" not in r
     assert in_training["loss_vs_loops"] == r["loss_vs_loops"][:3]
 
 

@@ -255,13 +255,17 @@ def _score_prompts(model, prompts: list[PasskeyPrompt], dims, cfg: Config, extra
 # --------------------------------------------------------------------------------------------
 
 
-def loop_counts(cfg: Config, model_loops_max: int) -> list[int]:
-    """``eval.loops`` or 1 .. loops_max + eval.loops_past, capped where the model has no tables."""
-    m = cfg.model
-    want = [int(x) for x in cfg.eval.loops] or list(range(1, m.loops_max + cfg.eval.loops_past + 1))
+def requested_loops(cfg: Config) -> list[int]:
+    """``eval.loops``, or 1 .. ``model.loops_max + eval.loops_past``."""
+    want = [int(x) for x in cfg.eval.loops] or list(range(1, cfg.model.loops_max + cfg.eval.loops_past + 1))
     if any(n < 1 for n in want):
         raise ConfigError(f"eval.loops={want} must hold loop counts >= 1.")
-    return sorted({n for n in want if n <= model_loops_max})
+    return sorted(set(want))
+
+
+def loop_counts(cfg: Config, model_loops_max: int) -> list[int]:
+    """The requested loop counts the model accepts (at most ``model_loops_max``)."""
+    return [n for n in requested_loops(cfg) if n <= model_loops_max]
 
 
 def held_out_batches(cfg: Config, dims) -> list[dict]:
@@ -292,10 +296,14 @@ def long_context_eval(model, dims, cfg: Config, step: int, model_loops_max: Opti
         out["loss_by_position"] = loss_by_position(model, batches, dims, cfg, cfg.model.loops if looped else None)
         out["passkey"] = passkey_grid(model, dims, cfg, cfg.model.loops if looped else None)
         if looped:
-            out["loops"] = cfg.model.loops
-            out["loss_vs_loops"] = [
-                {"loops": n, "loss": loss_by_position(model, batches, dims, cfg, n)["loss"]}
-                for n in loop_counts(cfg, model_loops_max or cfg.model.loops_max)]
+            counts = loop_counts(cfg, model_loops_max or cfg.model.loops_max)
+            out.update(loops=cfg.model.loops, loops_max=cfg.model.loops_max)
+            out["loss_vs_loops"] = [{"loops": n, "loss": loss_by_position(model, batches, dims, cfg, n)["loss"]}
+                                    for n in counts]
+            if max(counts, default=0) < max(requested_loops(cfg)):
+                out["loops_note"] = ("no loop counts past model.loops_max: "
+                                     + ("the model has per-loop LoRA tables up to it (model.lora_rank > 0)"
+                                        if cfg.model.lora_rank else "not during training (run `longtrain eval`)"))
     finally:
         model.train(was_training)
     return out
@@ -429,8 +437,7 @@ def evaluate_worker(cfg: Config) -> dict:
         cfg = resolve_policy(cfg, dims)
     model_cfg = cfg.model
     if cfg.model.arch == "looped" and cfg.model.lora_rank == 0:  # no weight depends on loops_max
-        want = [int(x) for x in cfg.eval.loops] or [cfg.model.loops_max + cfg.eval.loops_past]
-        model_cfg = dataclasses.replace(cfg.model, loops_max=max(cfg.model.loops_max, *want))
+        model_cfg = dataclasses.replace(cfg.model, loops_max=max(cfg.model.loops_max, *requested_loops(cfg)))
     with torch.device(dims.device):
         model = build_model(model_cfg)
     model = parallelize(model, dims, cfg)

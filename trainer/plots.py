@@ -27,19 +27,31 @@ def _pyplot():
     return plt
 
 
-def plot_loss_by_position(result: dict, path: Path, plt) -> Path:
-    rows = [b for b in result["loss_by_position"]["buckets"] if b["loss"] is not None]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([b["lo"] + 1 for b in rows], [b["loss"] for b in rows], marker="o")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("tokens of context (position + 1, at each log2 bucket's start)")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title(f"loss by position, step {result['step']}, seq_len {result['seq_len']}")
-    ax.grid(True, alpha=0.3)
+def _save(fig, path: Path, plt) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _loss_curve(x: list, y: list, xlabel: str, title: str, plt):
+    """A figure with one loss curve (markers at the measured points) against ``x``."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, y, marker="o")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def plot_loss_by_position(result: dict, path: Path, plt) -> Path:
+    rows = [b for b in result["loss_by_position"]["buckets"] if b["loss"] is not None]
+    fig, ax = _loss_curve([b["lo"] + 1 for b in rows], [b["loss"] for b in rows],
+                          "tokens of context (position + 1, at each log2 bucket's start)",
+                          f"loss by position, step {result['step']}, seq_len {result['seq_len']}", plt)
+    ax.set_xscale("log", base=2)
+    return _save(fig, path, plt)
 
 
 def plot_passkey(result: dict, path: Path, plt) -> Path:
@@ -57,26 +69,17 @@ def plot_passkey(result: dict, path: Path, plt) -> Path:
     ax.set_ylabel("key depth")
     ax.set_title(f"passkey retrieval, step {result['step']} ({pk['trials']} keys per cell)")
     fig.colorbar(im, ax=ax, label="accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, plt)
 
 
 def plot_loss_vs_loops(result: dict, path: Path, plt) -> Path:
     rows = result["loss_vs_loops"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["loops"] for r in rows], [r["loss"] for r in rows], marker="o")
+    fig, ax = _loss_curve([r["loops"] for r in rows], [r["loss"] for r in rows], "loop count",
+                          f"loss against loop count, step {result['step']}", plt)
     ax.axvline(result["loops"], color="gray", linestyle="--", label=f"trained mean ({result['loops']})")
-    ax.set_xlabel("loop count")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title(f"loss against loop count, step {result['step']}")
+    ax.axvline(result["loops_max"], color="gray", linestyle=":", label=f"model.loops_max ({result['loops_max']})")
     ax.legend()
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, plt)
 
 
 def save_plots(result: dict, out_dir: Path, stem: str) -> list[Path]:
