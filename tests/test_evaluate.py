@@ -131,14 +131,24 @@ def test_eval_command_on_a_trained_checkpoint_writes_json_plots_and_tensorboard(
     assert in_training["loss_vs_loops"] == r["loss_vs_loops"][:3]
 
 
-def test_eval_with_sequence_parallel_sp2_matches_one_process(trained_run):
+# two processes (gloo) against one; data parallel halves the per-rank batch so the global batch is the same
+LAYOUTS = {"sp": ["parallel.sp=2"], "dp_shard": ["parallel.dp_shard=2", "data.batch_size=2"], "tp": ["parallel.tp=2"]}
+ARGS = ["eval.plots=false", "logging.tensorboard=false", "eval.loops=[1,4]"]
+
+
+@pytest.fixture(scope="module")
+def one_process(trained_run):
     run, _ = trained_run
-    args = ["eval.plots=false", "logging.tensorboard=false", "eval.loops=[1,4]"]
-    assert main(["eval", str(run), *args]) == 0
-    one = json.loads((run / "eval" / "step-3.json").read_text())
-    assert main(["eval", "--nproc", "2", str(run), "parallel.sp=2", *args]) == 0
+    assert main(["eval", str(run), *ARGS]) == 0
+    return json.loads((run / "eval" / "step-3.json").read_text())
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_eval_on_two_processes_matches_one_process(trained_run, one_process, layout):
+    run, one = trained_run[0], one_process
+    assert main(["eval", "--nproc", "2", str(run), *LAYOUTS[layout], *ARGS]) == 0
     two = json.loads((run / "eval" / "step-3.json").read_text())
-    assert two["layout"]["sp"] == 2
+    assert two["layout"][layout] == 2
     for a, b in zip(one["loss_by_position"]["buckets"], two["loss_by_position"]["buckets"]):
         assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     assert np.allclose(two["passkey"]["digit_accuracy"], one["passkey"]["digit_accuracy"])
