@@ -178,6 +178,7 @@ class DataConfig:
     tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
     on_bad_document: Literal["error", "skip"] = "error"
     pack_window: int = 4096  # documents packed together; the shuffle/packing unit of an epoch
+    length_weighting: float = 0.0  # train epochs hold a document ~(length / mean length)^p times; 0 = once each
     verify_checksums: bool = True  # sha256 every shard when opened (sizes are always checked)
     stdlib_mb: float = 4.0  # source=stdlib: MB of standard-library source to train on
     synthetic_docs: int = 4096  # source=synthetic: number of random documents
@@ -351,6 +352,7 @@ _NON_NEGATIVE = {
     "checkpoint.keep_every", "checkpoint.every_seconds", "checkpoint.max_rollbacks", "launch.max_restarts", "launch.master_port", "launch.ray.num_cpus",
     "launch.ray.cpus_per_worker", "launch.ray.gpus_per_worker", "launch.slurm.gpus_per_node",
     "launch.slurm.signal_seconds", "optim.spike_factor", "memory.gpu_budget_gb", "eval.loops_past",
+    "data.length_weighting",
 }
 
 
