@@ -131,6 +131,19 @@ def test_eval_command_on_a_trained_checkpoint_writes_json_plots_and_tensorboard(
     assert in_training["loss_vs_loops"] == r["loss_vs_loops"][:3]
 
 
+def test_eval_does_not_inherit_the_training_layout(trained_run, tmp_path):
+    """A run trained with sp=2 on two processes evaluates in one (checkpoints reshard)."""
+    import shutil
+
+    run = tmp_path / "run_sp2"
+    shutil.copytree(trained_run[0], run)
+    step = run / "checkpoints" / "step-3" / "config.yaml"
+    step.write_text(step.read_text().replace("  sp: 1\n", "  sp: 2\n"))
+    assert load_config(step).parallel.sp == 2
+    assert main(["eval", str(run), "eval.plots=false", "eval.loops=[1]", "eval.passkey_trials=1"]) == 0
+    assert json.loads((run / "eval" / "step-3.json").read_text())["layout"]["sp"] == 1
+
+
 # two processes (gloo) against one; data parallel halves the per-rank batch so the global batch is the same
 LAYOUTS = {"sp": ["parallel.sp=2"], "dp_shard": ["parallel.dp_shard=2", "data.batch_size=2"], "tp": ["parallel.tp=2"]}
 ARGS = ["eval.plots=false", "logging.tensorboard=false", "eval.loops=[1,4]"]

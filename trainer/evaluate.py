@@ -404,11 +404,17 @@ def locate_checkpoint(target: str) -> tuple[Path, Path]:
     return ckpt, (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent)
 
 
+# the training layout is not the evaluation's: checkpoints reshard, so evaluation starts from one
+# process (or data parallel over what --nproc starts) and takes the layout given on its command line
+SINGLE_PROCESS_LAYOUT = ["parallel.dp_replicate=1", "parallel.dp_shard=-1", "parallel.tp=1", "parallel.sp=1",
+                         "parallel.pp=1", "parallel.pp_boundaries=null"]
+
+
 def eval_overrides(target: str, overrides: list[str]) -> tuple[str, list[str]]:
     """The saved config of ``target``'s checkpoint and the overrides that make a worker evaluate it
-    (``evaluate_worker``): the user's, then the checkpoint and run directory."""
+    (``evaluate_worker``): a one-process layout, the user's, then the checkpoint and run directory."""
     ckpt, run_dir = locate_checkpoint(target)
-    return str(ckpt / "config.yaml"), [*overrides, f"checkpoint.resume={ckpt.resolve()}",
+    return str(ckpt / "config.yaml"), [*SINGLE_PROCESS_LAYOUT, *overrides, f"checkpoint.resume={ckpt.resolve()}",
                                        f"logging.run_dir={run_dir.resolve()}"]
 
 
