@@ -15,7 +15,7 @@ from longtrain.config import load_config
 from longtrain.data.tokenizer import ByteTokenizer
 from longtrain.models.llama import IGNORE_INDEX
 from longtrain.trainer.evaluate import (bucket_of, default_passkey_lengths, key_token_hits, passkey_overhead,
-                                        passkey_prompt, position_buckets, write_results)
+                                        passkey_prompt, position_buckets, token_losses, write_results)
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -167,3 +167,13 @@ def test_eval_on_two_processes_matches_one_process(trained_run, one_process, lay
     assert np.allclose(two["passkey"]["digit_accuracy"], one["passkey"]["digit_accuracy"])
     assert [x["loops"] for x in two["loss_vs_loops"]] == [x["loops"] for x in one["loss_vs_loops"]] == [1, 4]
     assert [x["loss"] for x in two["loss_vs_loops"]] == pytest.approx([x["loss"] for x in one["loss_vs_loops"]], rel=1e-4)
+
+
+def test_token_losses_in_chunks_equal_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 37, 11, generator=g)
+    labels = torch.randint(0, 11, (2, 37), generator=g)
+    labels[0, 5] = IGNORE_INDEX
+    ref = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    torch.testing.assert_close(token_losses(logits, labels, chunk=8), ref)
+    assert token_losses(logits, labels)[0, 5] == 0

@@ -72,12 +72,17 @@ def bucket_of(positions: torch.Tensor, n_buckets: int) -> torch.Tensor:
     return idx.clamp(max=n_buckets - 1)
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy [B, S] in fp32 (0 where the label is ignored), one row at a time so
-    only one row of logits is ever upcast."""
-    rows = [F.cross_entropy(logits[b].float(), labels[b].to(logits.device), ignore_index=IGNORE_INDEX,
-                            reduction="none") for b in range(logits.shape[0])]
-    return torch.stack(rows)
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Per-token cross-entropy [B, S] in fp32 (0 where the label is ignored), ``chunk`` positions at
+    a time, so only that many rows of logits are ever upcast (the logits themselves are the model's
+    output, [B, S, vocab] in the compute dtype)."""
+    labels = labels.to(logits.device)
+    out = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+    for b in range(logits.shape[0]):
+        for s in range(0, logits.shape[1], chunk):
+            out[b, s:s + chunk] = F.cross_entropy(logits[b, s:s + chunk].float(), labels[b, s:s + chunk],
+                                                  ignore_index=IGNORE_INDEX, reduction="none")
+    return out
 
 
 @torch.no_grad()
