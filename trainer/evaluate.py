@@ -133,8 +133,8 @@ def _prompt_parts(tok, key: str) -> tuple[list, np.ndarray, np.ndarray, np.ndarr
 
 def passkey_overhead(tok) -> int:
     """Tokens of a passkey prompt without filler: the shortest usable prompt length."""
-    return sum(len(x) for parts in _prompt_parts(tok, "0" * PASSKEY_DIGITS)
-               for x in (parts if isinstance(parts, list) else [parts]))
+    head, needle, question, answer = _prompt_parts(tok, "0" * PASSKEY_DIGITS)
+    return sum(len(x) for x in [*head, needle, question, answer])
 
 
 def passkey_prompt(tok, filler: np.ndarray, length: int, depth: float, key: str) -> PasskeyPrompt:
@@ -189,9 +189,11 @@ def held_out_filler(cfg: Config, tok, max_tokens: int) -> np.ndarray:
 def passkey_grid(model, dims, cfg: Config, n_loops: Optional[int] = None) -> dict:
     """Accuracy and digit accuracy per (length, depth): ``{"lengths", "depths", "accuracy", ...}``."""
     from longtrain.data.tokenizer import load_tokenizer
+    from longtrain.data.validate import check_vocab
 
     ev = cfg.eval
-    tok = load_tokenizer(cfg.data.tokenizer)
+    tok = load_tokenizer(cfg.data.tokenizer)  # the keys and the question are text
+    check_vocab(tok.vocab_size, cfg.model.vocab_size, cfg.data.tokenizer)
     lengths = ([int(x) for x in ev.passkey_lengths]
                or default_passkey_lengths(cfg.data.seq_len, dims.sp_size, passkey_overhead(tok)))
     depths = [float(d) for d in ev.passkey_depths]
@@ -231,9 +233,8 @@ def _score_prompts(model, prompts: list[PasskeyPrompt], dims, cfg: Config, extra
     lo = dims.sp_rank * (len(prompts[0].tokens) // dims.sp_size)
     hi = lo + len(prompts[0].tokens) // dims.sp_size
     mine = list(range(r, len(prompts), dp))
-    rounds = math.ceil(len(prompts) / dp)
-    mine += [mine[-1] if mine else 0] * (rounds - len(mine))
-    counted = [j < len(range(r, len(prompts), dp)) for j in range(rounds)]
+    n_mine, rounds = len(mine), math.ceil(len(prompts) / dp)
+    mine += [mine[-1] if mine else 0] * (rounds - n_mine)
     hits = torch.zeros(len(prompts), dtype=torch.float64, device=dims.device)
     n_key = torch.zeros(len(prompts), dtype=torch.float64, device=dims.device)
     bs = cfg.data.batch_size
@@ -249,7 +250,7 @@ def _score_prompts(model, prompts: list[PasskeyPrompt], dims, cfg: Config, extra
             logits = model(**model_kwargs(batch, dims.device), **extra)
         h, n = key_token_hits(logits, labels[:, lo:hi].to(dims.device))
         for k, i in enumerate(idx):
-            if counted[start + k]:
+            if start + k < n_mine:
                 hits[i] += h[k].double()
                 n_key[i] += n[k].double()
     return all_reduce_sum(hits, dims), all_reduce_sum(n_key, dims)
@@ -453,8 +454,12 @@ def evaluate_worker(cfg: Config) -> dict:
         model = build_model(model_cfg)
     model = parallelize(model, dims, cfg)
     try:
-        Checkpointer(cfg, dims, cfg.run_dir, model=model).load(ckpt, restore_data=False)
-        result = long_context_eval(model, dims, cfg, int(read_meta(ckpt).get("step", 0)), model_cfg.loops_max)
+        Checkpointer(cfg, dims, cfg.run_dir, model=model).load(ckpt, restore_data=False)  # weights only
+        step = int(read_meta(ckpt).get("step", 0))
+        if dims.is_main:
+            print(f"[longtrain] evaluating step {step} at data.seq_len={cfg.data.seq_len}; {dims.describe()}",
+                  flush=True)
+        result = long_context_eval(model, dims, cfg, step, model_cfg.loops_max)
     finally:
         if dims.watchdog is not None:
             dims.watchdog.stop()
