@@ -39,9 +39,11 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register ``eval`` on an argparse subparsers object."""
     p = subparsers.add_parser(
         "eval", help="long-context evaluation of a checkpoint: loss by position, passkey, loss by loop count",
-        description=__doc__.split("\n\n")[0] + " TARGET is a run directory (runs/<name>), a checkpoint "
-                    "directory or a step directory; overrides are section.key=value (eval.*, data.seq_len, "
-                    "parallel.*, model.rope_scaling.*).")
+        description="Long-context evaluation of a checkpoint: loss by position, passkey retrieval (length x "
+                    "depth) and, for looped models, loss against loop count; JSON, TensorBoard scalars and PNG "
+                    "plots under <run_dir>/eval. RUN_DIR|CHECKPOINT is a run directory (runs/<name>), its "
+                    "checkpoint directory or a step directory; overrides are section.key=value (eval.*, "
+                    "data.seq_len, parallel.*, model.rope_scaling.*).")
     p.add_argument("target", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.add_argument("--nproc", type=int, default=1, help="local worker processes (e.g. 2 with parallel.sp=2)")

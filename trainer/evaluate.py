@@ -197,15 +197,6 @@ def passkey_grid(model, dims, cfg: Config, n_loops: Optional[int] = None) -> dic
     lengths = ([int(x) for x in ev.passkey_lengths]
                or default_passkey_lengths(cfg.data.seq_len, dims.sp_size, passkey_overhead(tok)))
     depths = [float(d) for d in ev.passkey_depths]
-    for L in lengths:
-        if L % dims.sp_size:
-            raise ConfigError(f"eval.passkey_lengths entry {L} is not divisible by parallel.sp={dims.sp_size}; "
-                              f"use multiples of {dims.sp_size}.")
-        if L > cfg.model.max_seq_len:
-            raise ConfigError(f"eval.passkey_lengths entry {L} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
-                              f"raise model.max_seq_len (and the rotary scaling, for a longer context).")
-    if any(not 0.0 <= d <= 1.0 for d in depths):
-        raise ConfigError(f"eval.passkey_depths={depths} must lie in [0, 1] (0 = start of the filler, 1 = its end).")
     filler = held_out_filler(cfg, tok, max(lengths) * 2)
     rng = np.random.default_rng(cfg.schedule.seed + 20251)
     extra = {"n_loops": n_loops} if n_loops is not None else {}
@@ -261,10 +252,27 @@ def _score_prompts(model, prompts: list[PasskeyPrompt], dims, cfg: Config, extra
 # --------------------------------------------------------------------------------------------
 
 
+def check_eval_settings(cfg: Config) -> None:
+    """The ``eval.*`` values that need no model or data, checked before anything is loaded."""
+    ev, sp = cfg.eval, cfg.parallel.sp
+    for L in ev.passkey_lengths:
+        if not isinstance(L, int) or L <= 0 or L % sp:
+            raise ConfigError(f"eval.passkey_lengths entry {L!r} must be a positive whole number of tokens divisible "
+                              f"by parallel.sp={sp}; e.g. eval.passkey_lengths=[{4096 * sp},{8192 * sp}].")
+        if L > cfg.model.max_seq_len:
+            raise ConfigError(f"eval.passkey_lengths entry {L} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
+                              f"raise model.max_seq_len (and the rotary scaling, for a longer context).")
+    if not ev.passkey_depths or any(not isinstance(d, (int, float)) or not 0 <= d <= 1 for d in ev.passkey_depths):
+        raise ConfigError(f"eval.passkey_depths={ev.passkey_depths} must be fractions in [0, 1] (0 = the key at the "
+                          f"start of the filler, 1 = at its end), e.g. [0, 0.5, 1].")
+    if cfg.model.arch == "looped":
+        requested_loops(cfg)
+
+
 def requested_loops(cfg: Config) -> list[int]:
     """``eval.loops``, or 1 .. ``model.loops_max + eval.loops_past``."""
-    want = [int(x) for x in cfg.eval.loops] or list(range(1, cfg.model.loops_max + cfg.eval.loops_past + 1))
-    if any(n < 1 for n in want):
+    want = list(cfg.eval.loops) or list(range(1, cfg.model.loops_max + cfg.eval.loops_past + 1))
+    if any(not isinstance(n, int) or n < 1 for n in want):
         raise ConfigError(f"eval.loops={want} must hold loop counts >= 1.")
     return sorted(set(want))
 
@@ -292,6 +300,7 @@ def long_context_eval(model, dims, cfg: Config, step: int, model_loops_max: Opti
     if dims.pp > 1:
         raise ConfigError(f"long-context evaluation does not run under parallel.pp={dims.pp}; evaluate the "
                           f"checkpoint with parallel.pp=1 (checkpoints reshard to any layout).")
+    check_eval_settings(cfg)
     was_training = model.training
     model.eval()
     try:
@@ -433,6 +442,7 @@ def evaluate_worker(cfg: Config) -> dict:
     from longtrain.parallel.parallelize import parallelize
     from longtrain.trainer.checkpoint import Checkpointer, CheckpointError, read_meta, resolve_checkpoint_path
 
+    check_eval_settings(cfg)
     mode = cfg.checkpoint.resume
     if mode == "none":
         raise CheckpointError("checkpoint.resume=none names no checkpoint to evaluate; set it to a checkpoint "
