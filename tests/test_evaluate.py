@@ -177,3 +177,17 @@ def test_token_losses_in_chunks_equal_cross_entropy():
     ref = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
     torch.testing.assert_close(token_losses(logits, labels, chunk=8), ref)
     assert token_losses(logits, labels)[0, 5] == 0
+
+
+@pytest.mark.parametrize("override, match", [
+    ("eval.passkey_depths=[0.5,2]", r"passkey_depths=\[0.5, 2\] must be fractions in \[0, 1\]"),
+    ("eval.passkey_lengths=[128,129]", r"entry 129 must be .* divisible by parallel.sp=2"),
+    ("eval.passkey_lengths=[262144]", r"exceeds model.max_seq_len=131072"),
+    ("eval.loops=[0,2]", r"eval.loops=\[0, 2\] must hold loop counts >= 1"),
+])
+def test_eval_settings_are_checked_before_anything_is_loaded(override, match):
+    from longtrain.config import ConfigError
+    from longtrain.trainer.evaluate import check_eval_settings
+
+    with pytest.raises(ConfigError, match=match):
+        check_eval_settings(load_config("tiny", [override, "parallel.sp=2"]))
