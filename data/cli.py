@@ -22,7 +22,8 @@ def _prepare(args: argparse.Namespace) -> int:
     m = prepare(args.inputs, args.out, tokenizer=args.tokenizer, fmt=args.format, text_field=args.text_field,
                 text_column=args.text_column, workers=args.workers, shard_mb=args.shard_mb,
                 row_group_tokens=args.row_group_tokens, on_bad_document=args.on_bad_document,
-                stdlib_mb=args.stdlib_mb, progress=not args.no_progress)
+                stdlib_mb=args.stdlib_mb, progress=not args.no_progress,
+                on_empty_document=args.on_empty_document, min_length=args.min_length)
     skipped = ", ".join(f"{v} {k}" for k, v in m["skipped"].items()) or "none"
     print(f"{args.out}: {len(m['shards'])} shards, {m['num_docs']} documents, {m['num_tokens']} tokens "
           f"({m['_written']} shards written now; skipped documents: {skipped})")
@@ -67,7 +68,12 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shard-mb", type=float, default=64.0, help="MB of input text per shard")
     p.add_argument("--row-group-tokens", type=int, default=1 << 16, help="max tokens per Parquet row group")
     p.add_argument("--on-bad-document", default="error", choices=["error", "skip"],
-                   help="empty documents: error, or skip and count")
+                   help="documents that cannot be used (ids outside the vocabulary): error, or skip and count")
+    p.add_argument("--on-empty-document", default="skip", choices=["skip", "error"],
+                   help="empty documents (an empty __init__.py): skip and count (default), or error")
+    p.add_argument("--min-length", type=int, default=0,
+                   help="keep only documents of at least this many tokens (for long-context training); "
+                        "recorded in the manifest, the dropped ones counted as 'short'")
     p.add_argument("--stdlib-mb", type=float, default=None, help="limit the 'stdlib' input to this many MB")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)

@@ -146,10 +146,10 @@ class Loader:
             raise DataError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}; "
                             f"this checkpoint was written by another longtrain version.")
         mine, theirs = self.order.fingerprint(), state.get("order", {})
-        diff = sorted(k for k in mine if theirs.get(k) != mine[k])
+        diff = sorted(k for k in set(mine) | set(theirs) if theirs.get(k) != mine.get(k))
         if diff:
             msg = ("the data loader state was saved with other settings: " +
-                   ", ".join(f"{k}={theirs.get(k)!r} (now {mine[k]!r})" for k in diff) +
+                   ", ".join(f"{k}={theirs.get(k)!r} (now {mine.get(k)!r})" for k in diff) +
                    "; the global sample order differs, so the run cannot continue on the exact next sample.")
             if strict:
                 raise DataError(msg + " Restore the old data settings, or load with strict=False to continue "
@@ -171,7 +171,8 @@ def build_loader(cfg, *, vocab_size: int, dp_rank: int = 0, dp_size: int = 1, sp
         pad = 0
     splits = split_documents(docs.lengths, cfg.eval_fraction)
     order = GlobalSampleOrder(docs.lengths, splits[split], seq_len=cfg.seq_len, method=cfg.packing,
-                              split_long=cfg.split_long, seed=cfg.seed, split=split, window=cfg.pack_window)
+                              split_long=cfg.split_long, seed=cfg.seed, split=split, window=cfg.pack_window,
+                              length_weighting=cfg.length_weighting)
     return Loader(docs, order, batch_size=cfg.batch_size, seq_len=cfg.seq_len, pad_id=pad,
                   doc_masking=cfg.doc_masking, dp_rank=dp_rank, dp_size=dp_size, sp_rank=sp_rank,
                   sp_size=sp_size)

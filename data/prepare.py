@@ -73,11 +73,26 @@ _TOKENIZERS: dict = {}
 
 
 def write_shard(index: int, texts: list[tuple[str, str]], out_dir: str, tokenizer: str,
-                row_group_tokens: int, on_bad_document: str) -> dict:
-    """Tokenize one shard's documents and write it; returns its manifest entry."""
+                row_group_tokens: int, on_bad_document: str, on_empty_document: str = "skip",
+                min_length: int = 0) -> dict:
+    """Tokenize one shard's documents and write it; returns its manifest entry.
+
+    Empty documents (an empty ``__init__.py``) are skipped and counted as ``empty`` unless
+    ``on_empty_document="error"``; documents shorter than ``min_length`` tokens (as stored, with
+    BOS/EOS) are dropped and counted as ``short``."""
     tok = _TOKENIZERS.get(tokenizer) or _TOKENIZERS.setdefault(tokenizer, load_tokenizer(tokenizer))
     bad = BadDocuments(on_bad_document, fix="pass --on-bad-document skip")
+    if on_empty_document == "skip":
+        kept = [(w, t) for w, t in texts if t.strip()]
+        if len(kept) < len(texts):
+            bad.skipped["empty"] = len(texts) - len(kept)
+        texts = kept
     docs, names = tokenize_texts(tok, texts, bad)
+    if min_length > 0:
+        kept = [(d, n) for d, n in zip(docs, names) if len(d) >= min_length]
+        if len(kept) < len(docs):
+            bad.skipped["short"] = len(docs) - len(kept)
+        docs, names = [d for d, _ in kept], [n for _, n in kept]
     path = Path(out_dir) / shard_name(index)
     tmp = path.with_suffix(".parquet.tmp")
     lengths = np.array([len(d) for d in docs], np.int64)
@@ -135,22 +150,30 @@ def _worker_signals() -> None:
 def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, *, tokenizer: str = "byte", fmt: str = "auto",
             text_field: str = "text", text_column: str = "text", workers: int = 1, shard_mb: float = 64.0,
             row_group_tokens: int = 1 << 16, on_bad_document: str = "error", stdlib_mb: Optional[float] = None,
-            progress: bool = True, stop_after: Optional[int] = None) -> dict:
+            progress: bool = True, stop_after: Optional[int] = None, on_empty_document: str = "skip",
+            min_length: int = 0) -> dict:
     """Prepare token shards in ``out_dir``; returns the manifest. Re-running resumes.
 
     ``stop_after`` (tests, benchmarks) stops once that many new shards were written, leaving an
     incomplete manifest exactly as a crash would.
     """
+    if on_empty_document not in ("skip", "error") or min_length < 0:
+        raise DataError(f"on_empty_document={on_empty_document!r} / min_length={min_length}: use 'skip' or 'error', "
+                        f"and a minimum length >= 0 (--on-empty-document, --min-length).")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(tokenizer)
     files = expand_inputs(inputs, None if stdlib_mb is None else int(stdlib_mb * (1 << 20)))
     job = {"inputs": [str(p) for p in files], "format": fmt, "text_field": text_field,
            "text_column": text_column, "shard_mb": shard_mb, "row_group_tokens": row_group_tokens,
-           "on_bad_document": on_bad_document, "tokenizer": tok.fingerprint()}
+           "on_bad_document": on_bad_document, "tokenizer": tok.fingerprint(),
+           "on_empty_document": on_empty_document, "min_length": int(min_length)}
     manifest = read_manifest(out)
-    if manifest is not None and manifest.get("job") != job:
-        changed = sorted(k for k in job if manifest.get("job", {}).get(k) != job[k])
+    # a manifest from before these settings existed resumes under their defaults (its shards differ
+    # at most by an empty document, which stopped that job)
+    old_job = {"on_empty_document": "skip", "min_length": 0, **(manifest or {}).get("job", {})}
+    if manifest is not None and old_job != job:
+        changed = sorted(k for k in job if old_job.get(k) != job[k])
         raise DataError(f"{out / MANIFEST} was written by a prepare job with other settings ({', '.join(changed)} "
                         f"differ); re-run with the same arguments to resume, or give a new --out folder.")
     if manifest is None:
@@ -173,7 +196,7 @@ def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, *, tokenizer: str
 
     total = sum(p.stat().st_size for p in files)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not progress, file=sys.stderr)
-    args = (str(out), tokenizer, row_group_tokens, on_bad_document)
+    args = (str(out), tokenizer, row_group_tokens, on_bad_document, on_empty_document, min_length)
     t0, written, stopped = time.time(), 0, False
     stream = _shard_texts(iter_texts(files, fmt, text_field, text_column), int(shard_mb * (1 << 20)))
     if workers <= 1:

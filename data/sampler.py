@@ -41,7 +41,8 @@ class GlobalSampleOrder:
     """Maps a global sample index to ``(epoch, pieces)`` for one split of one document set."""
 
     def __init__(self, lengths: np.ndarray, docs: np.ndarray, *, seq_len: int, method: str,
-                 split_long: str, seed: int, split: str = "train", window: int = 4096, cache: int = 4):
+                 split_long: str, seed: int, split: str = "train", window: int = 4096, cache: int = 4,
+                 length_weighting: float = 0.0):
         if len(docs) == 0:
             raise DataError(f"the {split} split holds no documents; "
                             + ("set data.eval_fraction > 0 (and have at least 2 documents) to evaluate."
@@ -50,6 +51,7 @@ class GlobalSampleOrder:
         self.docs = np.asarray(docs, np.int64)
         self.seq_len, self.method, self.split_long = seq_len, method, split_long
         self.seed, self.split, self.window = seed, split, max(1, window)
+        self.length_weighting = float(length_weighting) if split == "train" else 0.0  # eval losses compare
         self._salt = _SPLIT_SALT[split]
         self._cache_size = cache
         self._goto_epoch(0, 0)
@@ -59,10 +61,23 @@ class GlobalSampleOrder:
     def _goto_epoch(self, epoch: int, start: int) -> None:
         self.epoch, self.epoch_start = epoch, start
         rng = np.random.default_rng([self.seed, self._salt, epoch])
-        self._perm = self.docs[rng.permutation(len(self.docs))]
+        docs = self.docs if self.length_weighting == 0 else self._weighted_docs(rng)
+        self._perm = docs[rng.permutation(len(docs))]
         self._n_windows = (len(self._perm) + self.window - 1) // self.window
         self._cum = [0]  # samples before window w (known for the windows packed so far)
         self._plans: OrderedDict[int, PackPlan] = OrderedDict()
+
+    def _weighted_docs(self, rng: np.random.Generator) -> np.ndarray:
+        """This epoch's documents under ``data.length_weighting`` p: document d appears
+        floor(w_d) times plus once more with probability frac(w_d), w_d = (length_d / mean)^p, so
+        long documents are seen more often (and short ones may sit an epoch out). A function of
+        (seed, epoch) only, so a resumed run draws the same epochs."""
+        lens = self.lengths[self.docs].astype(np.float64)
+        w = (lens / lens.mean()) ** self.length_weighting
+        counts = np.floor(w).astype(np.int64) + (rng.random(len(w)) < w - np.floor(w))
+        if counts.sum() == 0:
+            counts[np.argmax(lens)] = 1
+        return np.repeat(self.docs, counts)
 
     def window_plan(self, w: int) -> PackPlan:
         plan = self._plans.get(w)
@@ -131,9 +146,12 @@ class GlobalSampleOrder:
 
     def fingerprint(self) -> dict:
         """What the order depends on; a resumed run must match it to continue the same order."""
-        return {"seed": self.seed, "split": self.split, "seq_len": self.seq_len, "packing": self.method,
-                "split_long": self.split_long, "window": self.window, "n_docs": int(len(self.docs)),
-                "n_tokens": int(self.lengths[self.docs].sum())}
+        out = {"seed": self.seed, "split": self.split, "seq_len": self.seq_len, "packing": self.method,
+               "split_long": self.split_long, "window": self.window, "n_docs": int(len(self.docs)),
+               "n_tokens": int(self.lengths[self.docs].sum())}
+        if self.length_weighting:  # only when on: states saved before the setting existed still match
+            out["length_weighting"] = self.length_weighting
+        return out
 
 
 def sample_index(step: int, dp_rank: int, dp_size: int, batch_size: int, b: int, start: int = 0) -> int:

@@ -1,7 +1,7 @@
 """The one typed configuration tree of longtrain.
 
 Owns: the dataclasses for every section (model, parallel, memory, data, optim, schedule,
-checkpoint, logging, launch), loading them from YAML files, applying ``section.key=value``
+checkpoint, logging, eval, launch), loading them from YAML files, applying ``section.key=value``
 overrides from the command line, and checking every key and value with an error that names the
 key, what was given, what is allowed and -- for a typo -- the nearest valid key.
 
@@ -180,6 +180,7 @@ class DataConfig:
     tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
     on_bad_document: Literal["error", "skip"] = "error"
     pack_window: int = 4096  # documents packed together; the shuffle/packing unit of an epoch
+    length_weighting: float = 0.0  # train epochs hold a document ~(length / mean length)^p times; 0 = once each
     verify_checksums: bool = True  # sha256 every shard when opened (sizes are always checked)
     stdlib_mb: float = 4.0  # source=stdlib: MB of standard-library source to train on
     synthetic_docs: int = 4096  # source=synthetic: number of random documents
@@ -251,6 +252,20 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """``longtrain eval``: loss by position, passkey retrieval, loss against loop count (trainer/evaluate.py)."""
+
+    batches: int = 4  # held-out global batches for the loss by position and by loop count
+    passkey_lengths: list = field(default_factory=list)  # tokens; [] = data.seq_len / 8, / 4, / 2, / 1
+    passkey_depths: list = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # where the key sits
+    passkey_trials: int = 4  # keys per (length, depth) cell
+    loops: list = field(default_factory=list)  # looped models; [] = 1 .. model.loops_max + loops_past
+    loops_past: int = 2  # loop counts past model.loops_max (only where model.lora_rank=0)
+    every_eval: bool = False  # also run it (no loops past loops_max) at every schedule.eval_every step
+    plots: bool = True  # PNG plots next to the JSON (needs matplotlib: pip install 'longtrain[plots]')
+
+
+@dataclass
 class RayConfig:
     """``launch.backend=ray``: one actor per worker in a placement group (see launch/ray_backend.py)."""
 
@@ -306,6 +321,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     @property
@@ -329,7 +345,7 @@ _POSITIVE = {
     "data.batch_size", "optim.lr", "schedule.grad_accum", "parallel.dp_replicate", "parallel.tp",
     "parallel.sp", "parallel.pp", "parallel.pp_virtual_stages", "checkpoint.keep_last",
     "launch.nodes", "launch.nproc_per_node", "launch.slurm.cpus_per_task", "parallel.timeout_s", "parallel.init_timeout_s",
-    "memory.host_budget_gb",
+    "memory.host_budget_gb", "eval.batches", "eval.passkey_trials",
 }
 _NON_NEGATIVE = {
     "model.n_prelude", "model.n_coda", "model.backprop_loops", "model.lora_rank",
@@ -337,7 +353,8 @@ _NON_NEGATIVE = {
     "schedule.eval_every", "memory.tiled_mlp", "memory.tiled_loss", "memory.offload_prefetch", "checkpoint.every_steps",
     "checkpoint.keep_every", "checkpoint.every_seconds", "checkpoint.max_rollbacks", "launch.max_restarts", "launch.master_port", "launch.ray.num_cpus",
     "launch.ray.cpus_per_worker", "launch.ray.gpus_per_worker", "launch.slurm.gpus_per_node",
-    "launch.slurm.signal_seconds", "optim.spike_factor", "memory.gpu_budget_gb",
+    "launch.slurm.signal_seconds", "optim.spike_factor", "memory.gpu_budget_gb", "eval.loops_past",
+    "data.length_weighting",
 }
 
 
@@ -397,6 +414,10 @@ def validate(cfg: Config) -> Config:
     if cfg.schedule.warmup_steps > cfg.schedule.steps:
         raise ConfigError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds "
                           f"schedule.steps={cfg.schedule.steps}; shorten the warmup.")
+    if cfg.eval.every_eval and (cfg.parallel.pp > 1 or not cfg.schedule.eval_every):
+        raise ConfigError(f"eval.every_eval=true needs schedule.eval_every > 0 and parallel.pp=1 (got "
+                          f"{cfg.schedule.eval_every} and {cfg.parallel.pp}); evaluate a pipeline run's checkpoints "
+                          f"with `longtrain eval RUN_DIR parallel.pp=1` instead.")
     if cfg.data.source in ("shards", "megatron") and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path; point it at the prepared "
                           f"dataset (see `longtrain data prepare`).")

@@ -63,7 +63,7 @@ def prepared(tmp_path):
 def test_empty_document_in_the_input_is_named_with_its_line(tmp_path):
     (tmp_path / "in.jsonl").write_text('{"text": "fine"}\n{"text": ""}\n')
     with pytest.raises(DataError, match=r"in.jsonl:2: empty document.*--on-bad-document skip"):
-        prepare([str(tmp_path / "in.jsonl")], tmp_path / "out", progress=False)
+        prepare([str(tmp_path / "in.jsonl")], tmp_path / "out", progress=False, on_empty_document="error")
     m = prepare([str(tmp_path / "in.jsonl")], tmp_path / "out2", on_bad_document="skip", progress=False)
     assert m["num_docs"] == 1 and m["skipped"] == {"empty": 1}
 

@@ -1,20 +1,40 @@
 """A run's directory: where its resolved config, metrics and checkpoints go.
 
-Owns: ``start_run``, which prints the fully resolved config at start (main rank) and saves it as
-``config.yaml`` in the run directory, so every run can be reproduced from what it wrote.
+Owns: ``start_run``, which saves the fully resolved config as ``config.yaml`` in the run directory
+(so every run can be reproduced from what it wrote) and prints, on the main rank, the sections
+that matter to this run (``run_config_view``): the Slurm section of a local run, say, is noise in
+every worker's log.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
+
+def run_config_view(cfg) -> tuple[dict, list[str]]:
+    """The resolved config without the sections this run does not use, and their names."""
+    d = cfg.to_dict()
+    omitted = []
+    for backend in ("slurm", "ray"):
+        if cfg.launch.backend != backend:
+            del d["launch"][backend]
+            omitted.append(f"launch.{backend}")
+    if not cfg.eval.every_eval:
+        del d["eval"]
+        omitted.append("eval")
+    return d, omitted
+
 
 def start_run(cfg, dims) -> Path:
     run_dir = cfg.run_dir
     if dims.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        text = cfg.to_yaml()
-        (run_dir / "config.yaml").write_text(text)
-        print("[longtrain] resolved config:\n" + "\n".join("  " + line for line in text.splitlines()))
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        view, omitted = run_config_view(cfg)
+        text = yaml.safe_dump(view, sort_keys=False)
+        print(f"[longtrain] resolved config (unused here: {', '.join(omitted) or 'none'}; all of it in "
+              f"{run_dir / 'config.yaml'}):\n" + "\n".join("  " + line for line in text.splitlines()))
         print(f"[longtrain] run directory: {run_dir.resolve()}")
     return run_dir

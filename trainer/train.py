@@ -34,6 +34,7 @@ from longtrain.trainer.metrics import MetricsLogger, device_peak_flops, flops_pe
 from longtrain.trainer.run import start_run
 from longtrain.trainer.schedule import build_lr_scheduler
 from longtrain.trainer.signals import SaveOnSignal
+from longtrain.trainer.evaluate import evaluate_in_training
 from longtrain.trainer.step import evaluate, forward_backward
 
 
@@ -144,6 +145,8 @@ def train(cfg: Config) -> dict:
             if eval_loader is not None and sched.eval_every and state.step % sched.eval_every == 0:
                 last["eval_loss"] = evaluate(model, eval_loader, dims, cfg, sched.eval_batches)
                 log.log(state.step, {"eval_loss": last["eval_loss"]}, print_line=True)
+                if cfg.eval.every_eval:  # loss by position, passkey, loop counts: <run_dir>/eval/step-N.json
+                    evaluate_in_training(model, dims, cfg, state.step, run_dir)
             ckpt.after_step()
         ckpt.finish()
     finally:  # also on an error or a requested exit: no handler or hook outlives the run
