@@ -23,6 +23,11 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from longtrain.config import ConfigError
+from longtrain.memory.offload import offload_layer_inputs
+from longtrain.memory.recompute import apply_recompute
+from longtrain.memory.tiling import apply_tiling
+
 
 def apply_activation_memory(model: nn.Module, cfg) -> dict:
     """Apply ``cfg.memory`` (``cfg`` is a full ``Config``) to ``model`` in place.
@@ -31,14 +36,8 @@ def apply_activation_memory(model: nn.Module, cfg) -> dict:
     offload around each checkpointed call). Returns a summary {what: how} for the start-up log;
     the offloader, when any, is stored as ``model._longtrain_offloader`` for its statistics.
     """
-    from longtrain.memory.offload import offload_layer_inputs
-    from longtrain.memory.recompute import apply_recompute
-    from longtrain.memory.tiling import apply_tiling
-
     mem = cfg.memory
     if mem.policy == "auto":
-        from longtrain.config import ConfigError
-
         raise ConfigError("memory.policy=auto must be resolved before apply_activation_memory; call "
                           "longtrain.memory.planner.resolve_policy(cfg, dims) first (the trainer does).")
     summary = apply_tiling(model, mem)

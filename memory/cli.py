@@ -11,7 +11,8 @@ import copy
 
 from longtrain.cli_common import add_config_args, split_config_args
 from longtrain.config import ConfigError, load_config
-from longtrain.memory.planner import GiB, format_plan, longest_seq_len, plan, resolve_policy, usable
+from longtrain.memory.planner import (GiB, format_plan, format_time_model_error, longest_seq_len, plan,
+                                      resolve_policy, time_model_error, usable)
 
 
 def _plan(ns: argparse.Namespace) -> int:
@@ -21,8 +22,6 @@ def _plan(ns: argparse.Namespace) -> int:
     if ns.host_gb is not None:
         overrides.append(f"memory.host_budget_gb={ns.host_gb}")
     if ns.check_time:
-        from longtrain.memory.planner import format_time_model_error, time_model_error
-
         print(format_time_model_error(time_model_error()))
         return 0
     cfg = load_config(config, overrides)

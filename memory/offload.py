@@ -49,7 +49,14 @@ GiB = 2**30
 
 
 class PinnedPool:
-    """Host byte buffers handed out best-fit and returned for reuse; total size is capped."""
+    """Host byte buffers handed out best-fit and returned for reuse; total size is capped.
+
+    On CUDA each buffer is ordinary host memory page-locked in place with ``cudaHostRegister``,
+    of exactly the size asked for. ``torch.empty(..., pin_memory=True)`` would take it from
+    PyTorch's caching host allocator, which rounds every block up to a power of two: a pool of
+    84.5 GiB of layer inputs held 121 GiB of pinned memory and the kernel killed the process on
+    a 128 GiB machine (1×H200, 2026-12-01, docs/performance.md), so the budget would not be one.
+    """
 
     def __init__(self, budget_bytes: int, pin: bool):
         self.budget = int(budget_bytes)
@@ -60,6 +67,7 @@ class PinnedPool:
         self.acquired = 0  # number of buffers handed out, ever
         self._free: list[torch.Tensor] = []
         self._pending: list[tuple[torch.Tensor, object]] = []  # (buffer, event) until H2D is done
+        self._registered: set[int] = set()  # data pointers page-locked by ``_new``
         self._lock = threading.RLock()  # __del__ of a handle may release during acquire
 
     def _reap(self, wait: bool = False) -> None:
@@ -87,15 +95,46 @@ class PinnedPool:
                 del self._free[next(i for i, b in enumerate(self._free) if b is buf)]
             else:
                 while self._free and self.allocated + nbytes > self.budget:  # trade small for big
-                    self.allocated -= self._free.pop(0).numel()
+                    self._drop(self._free.pop(0))
                 if self.allocated + nbytes > self.budget:
                     return None
-                buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+                buf = self._new(nbytes)
                 self.allocated += nbytes
             self.in_use += buf.numel()
             self.peak_in_use = max(self.peak_in_use, self.in_use)
             self.acquired += 1
             return buf
+
+    def _new(self, nbytes: int) -> torch.Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if self.pin:
+            cudart = torch.cuda.cudart()
+            rc = cudart.cudaHostRegister(buf.data_ptr(), nbytes, 0)
+            if rc != cudart.cudaError.success:
+                raise RuntimeError(f"activation offload: page-locking {nbytes / GiB:.2f} GiB of host memory "
+                                   f"failed ({rc}); lower memory.host_budget_gb (now {self.budget / GiB:g}).")
+            self._registered.add(buf.data_ptr())
+        return buf
+
+    def _drop(self, buf: torch.Tensor) -> None:
+        """Give a free buffer back to the system (unlocked first: its memory may be reused)."""
+        self.allocated -= buf.numel()
+        if buf.data_ptr() in self._registered:
+            self._registered.discard(buf.data_ptr())
+            torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+
+    def close(self) -> None:
+        """Unlock and drop every free buffer (the pool's owner is done with it)."""
+        with self._lock:
+            self._reap(wait=True)
+            while self._free:
+                self._drop(self._free.pop())
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 -- interpreter shutdown: CUDA may be gone already
+            pass
 
     def release(self, buf: torch.Tensor, event=None) -> None:
         with self._lock:
