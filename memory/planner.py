@@ -808,7 +808,7 @@ def time_model_error(rates: Rates = H200) -> list[tuple]:
     for row in MEASURED:
         cfg = load_config(row.config, [f"data.seq_len={row.seq_len}", f"parallel.sp={row.sp}",
                                        "schedule.dtype=bf16", "data.batch_size=1", "schedule.grad_accum=1",
-                                       f"model.max_seq_len={max(row.seq_len, 131072)}"])
+                                       f"model.max_seq_len={max(row.seq_len, 131072)}", *row.overrides])
         lay = layout_from(cfg, row.sp)
         mlp, loss = tiling_sizes(cfg, lay)
         fields = dict(row.policy)
@@ -821,11 +821,15 @@ def time_model_error(rates: Rates = H200) -> list[tuple]:
 
 
 def format_time_model_error(rows: list) -> str:
-    lines = [f"{'measured step (docs/performance.md)':58s} {'measured s':>10s} {'model s':>9s} {'error':>7s}"]
+    lines = [f"{'measured step (docs/performance.md)':66s} {'measured s':>10s} {'model s':>9s} {'error':>7s}"]
     for row, p, err in rows:
-        lines.append(f"{row.describe():58s} {row.seconds:10.2f} {p:9.2f} {err:+7.1%}")
-    errs = [abs(e) for _, _, e in rows]
-    lines.append(f"mean |error| {sum(errs) / len(errs):.1%}, largest {max(errs):.1%} over {len(rows)} steps")
+        lines.append(f"{row.describe():66s} {row.seconds:10.2f} {p:9.2f} {err:+7.1%}"
+                     + ("" if row.fitted else "  (after the fit)"))
+    for label, sel in (("fitted", True), ("measured after the fit", False)):
+        errs = [abs(e) for r, _, e in rows if r.fitted == sel]
+        if errs:
+            lines.append(f"{label}: mean |error| {sum(errs) / len(errs):.1%}, largest {max(errs):.1%} "
+                         f"over {len(errs)} steps")
     return "\n".join(lines)
 
 

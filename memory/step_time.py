@@ -198,10 +198,13 @@ class Measured:
     policy: dict  # Policy fields
     seconds: float
     where: str  # the section of docs/performance.md
+    overrides: tuple = ()  # config overrides beyond the length and layout
+    fitted: bool = True  # used to fit the efficiencies (False: measured after the fit, a true check)
 
     def describe(self) -> str:
         pol = ",".join(f"{k}={v}" for k, v in self.policy.items()) or "none"
-        return f"{self.config} {self.seq_len // 1024}K sp={self.sp} {pol}"
+        extra = " ".join(self.overrides)
+        return f"{self.config}{' ' + extra if extra else ''} {self.seq_len // 1024}K sp={self.sp} {pol}"
 
 
 _TL = {"tiled_loss": 1}
@@ -233,5 +236,14 @@ MEASURED = (
     Measured("llama3-8b", 262144, 2, {"recompute": "full", **_TL}, 88.7, "issue 19, 8B 256K auto"),
     Measured("llama3-8b", 262144, 2, {"recompute": "selective", "offload_fraction": 1.0, **_TL}, 73.5,
              "issue 19, 8B 256K manual"),
+    # measured after the fit (2026-12-01, one H200, the planner's own picks): checks, not fitted
+    Measured("llama3.2-1b", 131072, 1, {"recompute": "selective", **_TL}, 11.73, "race 2026-12-01", fitted=False),
+    Measured("llama3.2-1b", 262144, 1, {"recompute": "selective", **_TL}, 42.49, "race 2026-12-01", fitted=False),
+    Measured("llama3.2-1b", 524288, 1, {"recompute": "selective", "tiled_mlp": 1, **_TL}, 169.33,
+             "race 2026-12-01", fitted=False),
+    Measured("looped-1b", 262144, 1, {"recompute": "selective", **_TL}, 52.86, "looped vs plain 2026-12-01",
+             fitted=False),
+    Measured("llama3.2-1b", 262144, 1, {"recompute": "selective", **_TL}, 52.53, "looped vs plain 2026-12-01",
+             overrides=("model.n_layers=20",), fitted=False),
 )
 MAX_ERROR = 0.15  # the largest relative error the suite accepts (the fit reached 9.2%: docs/performance.md)
