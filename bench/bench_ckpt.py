@@ -24,7 +24,8 @@ sys.path.insert(0, str(_ROOT))
 import torch  # noqa: E402
 
 from longtrain.config import load_config  # noqa: E402
-from longtrain.trainer.checkpoint import Checkpointer, read_latest  # noqa: E402
+from longtrain.trainer.checkpoint import Checkpointer  # noqa: E402
+from longtrain.trainer.checkpoint_format import read_latest  # noqa: E402
 from longtrain.trainer.train import TrainState, setup  # noqa: E402
 from longtrain.trainer.step import forward_backward  # noqa: E402
 

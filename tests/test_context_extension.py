@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from longtrain.cli import main  # noqa: E402
 from longtrain.config import load_config  # noqa: E402
 from longtrain.models import build_model  # noqa: E402
-from longtrain.trainer.checkpoint import load_full_model_state, resolve_checkpoint_path  # noqa: E402
+from longtrain.trainer.checkpoint_format import load_full_model_state, resolve_checkpoint_path  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 ORIGINAL = 32  # the HF model's context; extended 4x to 128
