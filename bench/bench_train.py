@@ -195,7 +195,8 @@ def make_step(cfg, dims, model, optimizer, scheduler, loader, timings: dict):
 def run(args, writer: common.ResultWriter, rec: dict) -> dict:
     import torch
 
-    from longtrain.trainer.metrics import device_peak_flops, flops_per_token
+    from longtrain.models.costs import flops_per_token
+    from longtrain.trainer.metrics import device_peak_flops
     from longtrain.trainer.train import setup
 
     cfg = load_bench_config(args)

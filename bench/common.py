@@ -573,8 +573,8 @@ def ideal_step(model_cfg, seq_len: int, tokens_per_step: int, world: int, rates:
     """Seconds a step would take if every GPU did only the model's FLOPs (no recomputation) at the
     measured kernel rates: matmul FLOPs / matmul rate + causal attention FLOPs / attention rate, per
     GPU (the work of ``tokens_per_step`` tokens split over ``world`` GPUs). FLOP counts:
-    ``trainer/metrics.py`` (``flops_per_token``, ``matmul_params_per_token``)."""
-    from longtrain.trainer.metrics import flops_per_token, matmul_params_per_token
+    ``models/costs.py`` (``flops_per_token``, ``matmul_params_per_token``)."""
+    from longtrain.models.costs import flops_per_token, matmul_params_per_token
 
     mm_fpt = 6.0 * matmul_params_per_token(model_cfg)  # forward + backward = 3 x (2 per weight)
     attn_fpt = flops_per_token(model_cfg, seq_len, causal=True) - mm_fpt

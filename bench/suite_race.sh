@@ -9,7 +9,8 @@
 #   tail runs/race/progress.log; python3 bench/common.py runs/race/*.json
 # Needs the wheels in .whl/ (bench/README.md; run(carry=[".whl"])): installed into /tmp/site here.
 # Environment: DIR (runs/race), CONFIG (llama3-8b), NPROC (2), STEPS (2), WARMUP (1), WHO ("ours alst
-# titan"), TIMEOUT_S (per run; default 600 s up to 128K, 1200 s beyond), PY (python3), EXTRA (flags
+# titan"), TIMEOUT_S (per run; default 600 s up to 128K, 1200 s beyond), PY (python3), WHEELS (.whl;
+# "none" for what is installed), OURS_EXTRA (flags and overrides for longtrain only), EXTRA (flags
 # added to every run, e.g. EXTRA="--device cpu --tiny" NPROC=1 for a CPU check of the plumbing).
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: bash bench/suite_race.sh LENGTH [LENGTH ...]   (e.g. 131072 262144)"; exit 2; }
@@ -19,8 +20,9 @@ mkdir -p "$dir"
 log="$dir/progress.log"
 say() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$log"; }
 
-if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
-  if ! $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+whl=${WHEELS:-.whl}  # the carried wheels (WHEELS=none: use what is installed)
+if [ -d "$whl" ] && ls "$whl"/*.whl > /dev/null 2>&1; then
+  if ! $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$whl"/*.whl; then
     say "wheel install failed"; exit 1
   fi
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}

@@ -393,7 +393,8 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
     writer.write()
     common.log(f"setup {setup_s:.1f} s; {rec['configuration']}; {_mem_line(device)}", rank)
 
-    from longtrain.trainer.metrics import device_peak_flops, flops_per_token
+    from longtrain.models.costs import flops_per_token
+    from longtrain.trainer.metrics import device_peak_flops
 
     tokens_per_step = seq_len * (world // cp)
     peak, peak_src = device_peak_flops(device)

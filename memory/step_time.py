@@ -10,7 +10,8 @@ with a graph, t = tensor-parallel size):
 
     matmuls ........ 2 FLOPs per weight per token forward, twice that backward, at ``matmul``
                      (the head counts once; a looped core once per iteration)
-    attention ...... causal: 2·S·T·(heads·head_dim)/t FLOPs forward per block, backward 2.5x
+    attention ...... causal: 2·S·T·(heads·head_dim)/t FLOPs forward per block (``models.costs``
+                     prices every FLOP and weight here), backward 2.5x
                      forward (the convention the kernel rates were measured in), at the rate of
                      the kernel ``model.attn_backend`` selects
     recomputation .. what the policy runs twice: ``full`` a block's forward (attention included),
@@ -35,9 +36,11 @@ and published in docs/performance.md; the test suite keeps it within ``MAX_ERROR
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
+
+from longtrain.models.costs import (attention_flops_per_token, block_matmul_params, head_matmul_params,
+                                    lora_matmul_params, reinject_params)
 
 GB = 1e9
 
@@ -67,14 +70,6 @@ def attention_kernel(cfg) -> str:
     """The kernel plain causal attention runs on a GPU (``models.attention.select_backend``)."""
     b = cfg.model.attn_backend
     return "sdpa_cudnn" if b == "auto" else b
-
-
-def _block_matmul_params(m, t: int) -> dict:
-    """Weights one block multiplies per token, per rank: attention projections and the MLP."""
-    d, hd = m.dim, m.head_dim
-    attn = (2 * d * m.n_heads * hd + 2 * d * m.n_kv_heads * hd) / t
-    mlp = 3 * d * m.ffn_dim / t
-    return {"attention": attn, "mlp": mlp}
 
 
 def _blocks(m, pp: int) -> dict:
@@ -115,13 +110,12 @@ def step_time(cfg, dims, pol, host_bytes: float, params_per_rank: float, rates: 
     at_rate = rates.attention.get(attention_kernel(cfg), rates.attention["sdpa_cudnn"]) * \
         _by_head_dim(rates.attention_efficiency, m.head_dim)
     nb = _blocks(m, dims.pp)
-    w = _block_matmul_params(m, t)
-    blk = w["attention"] + w["mlp"]
-    head = m.dim * m.vocab_size / t
-    lora = 0.0
-    if m.arch == "looped" and m.lora_rank:
-        lora = m.lora_rank * 2 * (4 * m.dim + 3 * m.ffn_dim) / t  # per core block, rough: in+out widths
-    attn_fwd = 2.0 * S * T * m.n_heads * m.head_dim / t  # causal, per block, FLOPs
+    blk = block_matmul_params(m) / t
+    mlp = 3 * m.dim * m.ffn_dim / t  # the part of a block the tiled MLP runs again
+    head = head_matmul_params(m) / t
+    # a looped core iteration's LoRA deltas and re-injection, spread over its blocks
+    lora = (lora_matmul_params(m) + reinject_params(m)) / max(1, m.n_core) / t if m.arch == "looped" else 0.0
+    attn_fwd = attention_flops_per_token(m, S, causal=True) * T / t  # per block, FLOPs
     attn_time_fwd = attn_fwd / at_rate  # the rate counts fwd+bwd with bwd = 2.5x fwd: forward alone at it
     # forward of every block (graph or not), backward of the graph blocks, the head fwd + bwd
     mm_flops = 2 * T * blk * nb["forward"] + 4 * T * blk * nb["graph"] + 6 * T * head
@@ -140,7 +134,7 @@ def step_time(cfg, dims, pol, host_bytes: float, params_per_rank: float, rates: 
     if pol.recompute_loops and nb["core"]:
         rec += nb["core"] * (fwd_block_mm + attn_time_fwd)
     if pol.tiled_mlp:
-        rec += nb["graph"] * 2 * T * w["mlp"] / mm_rate
+        rec += nb["graph"] * 2 * T * mlp / mm_rate
     if pol.tiled_loss:
         rec += 2 * T * head / mm_rate
     terms["recomputation"] = rec

@@ -162,7 +162,7 @@ def test_torchtitan_tiny_cpu_run_through_its_trainer(tmp_path):
 
 
 def test_suite_race_runs_each_system_per_length_and_writes_a_table(tmp_path):
-    env = _env(DIR=str(tmp_path), CONFIG="llama3.2-1b", NPROC="1", WHO="ours", STEPS="1", WARMUP="0",
+    env = _env(DIR=str(tmp_path), CONFIG="llama3.2-1b", NPROC="1", WHO="ours", STEPS="1", WARMUP="0", WHEELS="none",
                EXTRA="--device cpu --tiny --no-profile", PY=sys.executable)
     proc = subprocess.run(["bash", str(ROOT / "bench" / "suite_race.sh"), "256"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=240)

@@ -141,7 +141,7 @@ def test_profile_summary_sums_categories_and_exposed_communication(tmp_path):
 
 def test_ideal_step_is_model_flops_at_the_measured_rates():
     from longtrain.config import load_config
-    from longtrain.trainer.metrics import flops_per_token, matmul_params_per_token
+    from longtrain.models.costs import flops_per_token, matmul_params_per_token
 
     m = load_config("llama3-8b", []).model
     seq, world = 131072, 2

@@ -3,8 +3,7 @@
 Owns: the peak rate MFU is measured against, and ``MetricsLogger`` which writes JSONL and
 TensorBoard events and drives the progress bar on the main rank. The FLOP count of one token (the
 common non-causal attention count that Megatron and torchtitan report, and the causal count,
-half the attention term) is the model's own: ``longtrain.models.costs.flops_per_token``, kept
-importable from here for the training loop and the benchmarks.
+half the attention term) is the model's own: ``longtrain.models.costs.flops_per_token``.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from longtrain.models.costs import flops_per_token  # noqa: F401  (trainer.train and bench/ import it from here)
 
 # Dense bf16 tensor-core peaks by device name (vendor datasheets, dense, no sparsity).
 _GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12}

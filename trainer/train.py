@@ -21,20 +21,21 @@ from longtrain.memory.optimizer_offload import build_optimizer
 from longtrain.memory.planner import resolve_policy
 from longtrain.models import build_model, sample_loops
 from longtrain.models.attention import describe_backends
+from longtrain.models.costs import flops_per_token
 from longtrain.parallel.mesh import init_distributed
 from longtrain.parallel.parallelize import parallelize
 from longtrain.parallel.pipeline import build_pipeline
 from longtrain.parallel.reduce import clip_grad_norm_
 from longtrain.trainer.checkpoint import Checkpointer
+from longtrain.trainer.evaluate import evaluate_in_training
 from longtrain.trainer.faults import install_faults
 from longtrain.trainer.guard import RollbackRequested, StepGuard
 from longtrain.trainer.hf import resolve_hf_config
 from longtrain.trainer.ledger import SampleLedger
-from longtrain.trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
+from longtrain.trainer.metrics import MetricsLogger, device_peak_flops
 from longtrain.trainer.run import start_run
 from longtrain.trainer.schedule import build_lr_scheduler
 from longtrain.trainer.signals import SaveOnSignal
-from longtrain.trainer.evaluate import evaluate_in_training
 from longtrain.trainer.step import evaluate, forward_backward
 
 
