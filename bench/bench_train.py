@@ -31,7 +31,6 @@ import dataclasses
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 # before torch touches CUDA: less fragmentation at long sequence lengths (ALST uses the same)
@@ -254,7 +253,7 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
         loss = step()
         common.sync(dims.device)
         common.log(f"warmup {i + 1}/{args.warmup}: {time.perf_counter() - t:.3f} s loss={float(loss):.4f} "
-                   f"{_mem_line(dims.device)}", rank)
+                   f"{common.mem_line(dims.device)}", rank)
     rec["status"] = "warmup_done"
     writer.write()
 
@@ -272,7 +271,7 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
         rec.update(common.gpu_memory(dims.device), **common.host_memory())
         writer.write()
         common.log(f"step {i + 1}/{args.steps}: {dt:.3f} s  loss={float(loss):.4f}  "
-                   f"{rec['tokens_per_s']:.4g} tok/s  {_mem_line(dims.device)}", rank)
+                   f"{rec['tokens_per_s']:.4g} tok/s  {common.mem_line(dims.device)}", rank)
 
     rec["status"] = "timed_done"
     prof = None
@@ -281,17 +280,7 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
         prof = common.profile_step(step, dims.device, trace_dir=args.trace_dir, keep_trace=bool(args.trace_dir))
         rec["profile"] = prof
 
-    mem = common.gpu_memory(dims.device)
-    host = common.host_memory()
-    peaks = common.gather_across_ranks(mem["peak_gpu_mem_gib"])
-    rss = common.gather_across_ranks(host["peak_host_rss_gib"])
-    rec.update(mem, **host)
-    if peaks and all(p is not None for p in peaks):
-        rec["peak_gpu_mem_gib_all_ranks"] = peaks
-        rec["peak_gpu_mem_gib"] = max(peaks)
-    rec["peak_host_rss_gib_all_ranks"] = rss
-    rec["peak_host_rss_gib"] = max(rss)
-    rec["peak_host_rss_gib_sum_ranks"] = sum(rss)
+    common.record_peaks(rec, dims.device)
     common.add_ideal(rec, cfg.model, dims.world_size)
     if plan is not None and plan.get("peak_gib") is not None and rec.get("peak_gpu_mem_gib") is not None:
         plan["measured_peak_gib"] = rec["peak_gpu_mem_gib"]
@@ -372,12 +361,6 @@ def _fill_rates(rec, times, tokens_per_step, fpt, fpt_c, peak, world) -> None:
                mfu=tps * fpt / (peak * world), mfu_causal=tps * fpt_c / (peak * world))
 
 
-def _mem_line(device) -> str:
-    m = common.gpu_memory(device)
-    h = common.host_memory()
-    gpu = f"peak GPU {m['peak_gpu_mem_gib']:.2f} GiB " if m["peak_gpu_mem_gib"] is not None else ""
-    return f"{gpu}RSS {h['host_rss_gib']:.2f} GiB"
-
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
@@ -388,48 +371,14 @@ def main(argv=None) -> int:
     try:
         run(args, writer, rec)
     except BaseException as e:  # noqa: BLE001 - every failure becomes a record
-        if isinstance(e, KeyboardInterrupt):
-            status = "interrupted"
-        elif "no memory policy fits" in str(e):
-            status = "no_fit"  # the planner refused before anything ran (memory.policy=auto)
-        else:
-            status = "OOM" if common.is_oom(e) else "error"
-        rec.update(status=status, error=common.short_error(e), failed_rank=rank,
-                   traceback=traceback.format_exc()[-4000:])
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                rec.update(common.gpu_memory(torch.device("cuda", torch.cuda.current_device())))
-        except Exception:  # noqa: BLE001
-            pass
-        rec.update(common.host_memory())
-        # any failing rank writes: the launcher stops the others, and rank 0 may be one of them
-        if args.out:
-            try:
-                common.write_json_atomic(Path(args.out), rec)
-            except Exception:  # noqa: BLE001
-                pass
-        print(f"[bench r{rank}] {status}: {common.short_error(e, 500)}", file=sys.stderr, flush=True)
-        if status == "error":
-            traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        # the planner refusing before anything ran (memory.policy=auto) is its own status; any
+        # failing rank writes: the launcher stops the others, and rank 0 may be one of them
+        status = "no_fit" if "no memory policy fits" in str(e) else None
         # skip interpreter teardown: a collective peer may be gone, and destroying NCCL can hang
-        os._exit(3 if status in ("OOM", "no_fit") else 1)
-    _shutdown()
+        os._exit(common.record_failure(rec, e, args.out, rank, "bench", status, first_only=False))
+    common.shutdown_distributed()
     return 0
 
-
-def _shutdown() -> None:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
-    except Exception:  # noqa: BLE001
-        pass
 
 
 if __name__ == "__main__":

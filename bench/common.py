@@ -773,3 +773,128 @@ def print_search(d: dict) -> None:
 
 if __name__ == "__main__":
     main_table()
+
+
+def mem_line(device) -> str:
+    """Peak GPU memory and host RSS, for a step's log line."""
+    m = gpu_memory(device)
+    h = host_memory()
+    gpu = f"peak GPU {m['peak_gpu_mem_gib']:.2f} GiB " if m["peak_gpu_mem_gib"] is not None else ""
+    return f"{gpu}RSS {h['host_rss_gib']:.2f} GiB"
+
+
+def run_timed_steps(step, *, warmup: int, steps: int, profile: bool, trace_dir, rec: dict, writer, device,
+                    rank: int, tokens_per_step: float, world: int, fpt: float, fpt_c: float, peak: float,
+                    loss_value=float) -> dict | None:
+    """The peers' common measurement: ``warmup`` untimed steps, ``steps`` timed ones (each between
+    device syncs; ``rec`` gets the step times, their median, tokens/s and both MFUs, rewritten
+    after every step), then one profiled step unless ``profile`` is false. Returns the profile."""
+    reset_gpu_peak(device)
+    for i in range(warmup):
+        t = time.perf_counter()
+        loss = step()
+        sync(device)
+        log(f"warmup {i + 1}/{warmup}: {time.perf_counter() - t:.3f} s loss={loss_value(loss):.4f} "
+            f"{mem_line(device)}", rank)
+    rec["status"] = "warmup_done"
+    writer.write()
+    times = []
+    for i in range(steps):
+        sync(device)
+        t = time.perf_counter()
+        loss = step()
+        sync(device)
+        dt = time.perf_counter() - t
+        times.append(dt)
+        med = median(times)
+        tps = tokens_per_step / med
+        rec.update(step_times_s=times, loss=loss_value(loss), step_time_s_median=med, tokens_per_s=tps,
+                   tokens_per_s_per_gpu=tps / world, mfu=tps * fpt / (peak * world),
+                   mfu_causal=tps * fpt_c / (peak * world))
+        rec.update(gpu_memory(device), **host_memory())
+        writer.write()
+        log(f"step {i + 1}/{steps}: {dt:.3f} s  loss={rec['loss']:.4f}  {tps:.4g} tok/s  {mem_line(device)}", rank)
+    rec["status"] = "timed_done"
+    if not profile:
+        return None
+    log("profiling one step", rank)
+    prof = profile_step(step, device, trace_dir=trace_dir, keep_trace=bool(trace_dir))
+    rec["profile"] = prof
+    return prof
+
+
+def record_peaks(rec: dict, device) -> None:
+    """This rank's memory into ``rec``, with the peaks over all ranks (GPU: the largest; host RSS:
+    the largest and the sum)."""
+    mem = gpu_memory(device)
+    host = host_memory()
+    peaks = gather_across_ranks(mem["peak_gpu_mem_gib"])
+    rss = gather_across_ranks(host["peak_host_rss_gib"])
+    rec.update(mem, **host)
+    if peaks and all(p is not None for p in peaks):
+        rec["peak_gpu_mem_gib_all_ranks"] = peaks
+        rec["peak_gpu_mem_gib"] = max(peaks)
+    rec["peak_host_rss_gib_all_ranks"] = rss
+    rec["peak_host_rss_gib"] = max(rss)
+    rec["peak_host_rss_gib_sum_ranks"] = sum(rss)
+
+
+def record_failure(rec: dict, e: BaseException, out, rank: int, who: str, status: str | None = None,
+                   first_only: bool = True) -> int:
+    """Turn a failure into the record (``status``, else interrupted / OOM / error; memory at the
+    time) and write it -- with ``first_only``, only if no other rank failed first (the root cause:
+    an OOM on one rank, not the others' fallout; ``alst_baseline --optimizer auto`` decides on this
+    record). Returns the exit code: 3 for a run that did not fit (OOM, no_fit), else 1."""
+    import traceback
+
+    if status is None:
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else ("OOM" if is_oom(e) else "error")
+    rec.update(status=status, error=short_error(e), failed_rank=rank, traceback=traceback.format_exc()[-4000:])
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            rec.update(gpu_memory(torch.device("cuda", torch.cuda.current_device())))
+    except Exception:  # noqa: BLE001
+        pass
+    rec.update(host_memory())
+    if out and not (first_only and failed_elsewhere(Path(out))):
+        try:
+            write_json_atomic(Path(out), rec)
+        except Exception:  # noqa: BLE001
+            pass
+    print(f"[{who} r{rank}] {status}: {short_error(e, 500)}", file=sys.stderr, flush=True)
+    if status == "error":
+        traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return 3 if status in ("OOM", "no_fit") else 1
+
+
+def shutdown_distributed() -> None:
+    """End the process group after a run that went well (a barrier first, so no rank leaves early)."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def launcher_device(requested: str):
+    """(rank, world, local_rank, device) of a worker started by torchrun (or alone), on the GPU of
+    its local rank unless ``requested`` (--device) is "cpu"; "cuda" without a GPU is an error."""
+    import torch
+
+    ensure_launcher_env()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    on_gpu = requested != "cpu" and torch.cuda.is_available()
+    if requested == "cuda" and not on_gpu:
+        raise RuntimeError("--device cuda but torch sees no GPU")
+    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+    return rank, world, local_rank, device

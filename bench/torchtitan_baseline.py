@@ -39,7 +39,6 @@ import os
 import sys
 import tempfile
 import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -317,18 +316,8 @@ def describe(job_config, dims, on_gpu: bool) -> str:
 
 
 def run(args, writer: common.ResultWriter, rec: dict) -> dict:
-    common.ensure_launcher_env()
-    rank = int(os.environ["RANK"])
-    world = int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    import torch
-
-    on_gpu = args.device != "cpu" and torch.cuda.is_available()
-    if args.device == "cuda" and not on_gpu:
-        raise RuntimeError("--device cuda but torch sees no GPU")
-    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
-    if on_gpu:
-        torch.cuda.set_device(device)
+    rank, world, local_rank, device = common.launcher_device(args.device)
+    on_gpu = device.type == "cuda"
     rec.update(common.apply_gpu_cap(args.gpu_cap_gb, device))
 
     m, seq_len = load_model_config(args)
@@ -391,7 +380,7 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
                parallel={"dp_shard": dims.dp_shard, "dp_replicate": dims.dp_replicate, "cp": dims.cp,
                          "tp": dims.tp, "pp": dims.pp, "fsdp": dims.fsdp_enabled})
     writer.write()
-    common.log(f"setup {setup_s:.1f} s; {rec['configuration']}; {_mem_line(device)}", rank)
+    common.log(f"setup {setup_s:.1f} s; {rec['configuration']}; {common.mem_line(device)}", rank)
 
     from longtrain.models.costs import flops_per_token
     from longtrain.trainer.metrics import device_peak_flops
@@ -423,52 +412,12 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
             dist.all_reduce(x)  # local sum / global tokens, summed over dp x cp (tp = pp = 1)
         return float(x)
 
-    common.reset_gpu_peak(device)
-    for i in range(args.warmup):
-        t = time.perf_counter()
-        loss = step()
-        common.sync(device)
-        common.log(f"warmup {i + 1}/{args.warmup}: {time.perf_counter() - t:.3f} s loss={global_loss(loss):.4f} "
-                   f"{_mem_line(device)}", rank)
-    rec["status"] = "warmup_done"
-    writer.write()
+    prof = common.run_timed_steps(step, warmup=args.warmup, steps=args.steps, profile=not args.no_profile,
+                                  trace_dir=args.trace_dir, rec=rec, writer=writer, device=device, rank=rank,
+                                  tokens_per_step=tokens_per_step, world=world, fpt=fpt, fpt_c=fpt_c, peak=peak,
+                                  loss_value=global_loss)
 
-    times = []
-    for i in range(args.steps):
-        common.sync(device)
-        t = time.perf_counter()
-        loss = step()
-        common.sync(device)
-        dt = time.perf_counter() - t
-        times.append(dt)
-        med = common.median(times)
-        tps = tokens_per_step / med
-        rec.update(step_times_s=times, loss=global_loss(loss), step_time_s_median=med, tokens_per_s=tps,
-                   tokens_per_s_per_gpu=tps / world, mfu=tps * fpt / (peak * world),
-                   mfu_causal=tps * fpt_c / (peak * world))
-        rec.update(common.gpu_memory(device), **common.host_memory())
-        writer.write()
-        common.log(f"step {i + 1}/{args.steps}: {dt:.3f} s  loss={rec['loss']:.4f}  {tps:.4g} tok/s  "
-                   f"{_mem_line(device)}", rank)
-
-    rec["status"] = "timed_done"
-    prof = None
-    if not args.no_profile:
-        common.log("profiling one step", rank)
-        prof = common.profile_step(step, device, trace_dir=args.trace_dir, keep_trace=bool(args.trace_dir))
-        rec["profile"] = prof
-
-    mem = common.gpu_memory(device)
-    host = common.host_memory()
-    peaks = common.gather_across_ranks(mem["peak_gpu_mem_gib"])
-    rss = common.gather_across_ranks(host["peak_host_rss_gib"])
-    rec.update(mem, **host)
-    if peaks and all(p is not None for p in peaks):
-        rec["peak_gpu_mem_gib_all_ranks"] = peaks
-        rec["peak_gpu_mem_gib"] = max(peaks)
-    rec["peak_host_rss_gib_all_ranks"] = rss
-    rec["peak_host_rss_gib"] = max(rss)
-    rec["peak_host_rss_gib_sum_ranks"] = sum(rss)
+    common.record_peaks(rec, device)
     common.add_ideal(rec, m, world)
     rec["status"] = "ok"
     writer.write()
@@ -480,12 +429,6 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
     return rec
 
 
-def _mem_line(device) -> str:
-    mm = common.gpu_memory(device)
-    h = common.host_memory()
-    gpu = f"peak GPU {mm['peak_gpu_mem_gib']:.2f} GiB " if mm["peak_gpu_mem_gib"] is not None else ""
-    return f"{gpu}RSS {h['host_rss_gib']:.2f} GiB"
-
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
@@ -496,38 +439,9 @@ def main(argv=None) -> int:
     try:
         run(args, writer, rec)
     except BaseException as e:  # noqa: BLE001 - every failure becomes a record
-        status = "interrupted" if isinstance(e, KeyboardInterrupt) else ("OOM" if common.is_oom(e) else "error")
-        rec.update(status=status, error=common.short_error(e), failed_rank=rank,
-                   traceback=traceback.format_exc()[-4000:])
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                rec.update(common.gpu_memory(torch.device("cuda", torch.cuda.current_device())))
-        except Exception:  # noqa: BLE001
-            pass
-        rec.update(common.host_memory())
-        # the first rank to fail writes (the root cause: an OOM on one rank, not the others' fallout;
-        # --optimizer auto decides on this record)
-        if args.out and not common.failed_elsewhere(Path(args.out)):
-            try:
-                common.write_json_atomic(Path(args.out), rec)
-            except Exception:  # noqa: BLE001
-                pass
-        print(f"[titan r{rank}] {status}: {common.short_error(e, 500)}", file=sys.stderr, flush=True)
-        if status == "error":
-            traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(3 if status == "OOM" else 1)  # a peer may be gone: skip NCCL teardown
-    try:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
-    except Exception:  # noqa: BLE001
-        pass
+        code = common.record_failure(rec, e, args.out, rank, "titan")
+        os._exit(code)  # a peer may be gone: skip NCCL teardown
+    common.shutdown_distributed()
     return 0
 
 
