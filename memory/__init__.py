@@ -3,13 +3,18 @@
 Modules, one idea each:
 - ``recompute``: none / full / selective checkpointing per block and layer group; per loop
   iteration for a looped model's core.
+- ``selective``: which op outputs selective recomputation keeps (attention; matmuls on request)
+  and the store they wait in (the GPU, or the offloader's host pool).
 - ``offload``: saved activations (what recompute keeps) to a bounded host pool on a side
   stream, prefetched back in backward; token-wise split.
 - ``tiling``: MLP and head + cross-entropy over sequence chunks, recomputed in backward.
 - ``optimizer_offload``: ``build_optimizer`` (AdamW, or Adam state + fp32 master on the CPU)
   and ``fsdp_offload_policy`` for FSDP2.
-- ``planner``: per-rank memory estimates, ``resolve_policy`` for ``memory.policy=auto``,
-  ``measure_peak``; ``cli`` registers ``longtrain plan``.
+- ``step_time``: the step-time model (FLOPs at measured kernel rates, communication, exposed
+  offload copies) and the measured steps it is checked against.
+- ``planner``: per-rank memory estimates and the choice of the fastest policy that fits,
+  ``resolve_policy`` for ``memory.policy=auto``, ``measure_peak``; ``plan_table`` prints its rows;
+  ``cli`` registers ``longtrain plan``.
 
 ``apply_activation_memory(model, cfg)`` is the one entry point ``parallel.parallelize`` calls,
 after tensor parallelism and Ulysses and before compile and FSDP2. It only replaces

@@ -11,8 +11,8 @@ import copy
 
 from longtrain.cli_common import add_config_args, split_config_args
 from longtrain.config import ConfigError, load_config
-from longtrain.memory.planner import (GiB, format_plan, format_time_model_error, longest_seq_len, plan,
-                                      resolve_policy, time_model_error, usable)
+from longtrain.memory.plan_table import format_plan, format_time_model_error, time_model_error
+from longtrain.memory.planner import GiB, longest_seq_len, plan, resolve_policy, usable
 
 
 def _plan(ns: argparse.Namespace) -> int:

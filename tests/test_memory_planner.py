@@ -192,10 +192,12 @@ def test_selective_with_offload_beats_full_recompute_where_the_host_takes_what_i
 def test_time_model_error_against_measured_steps_is_within_its_stated_bound():
     from longtrain.memory.step_time import MAX_ERROR, MEASURED
 
-    rows = planner.time_model_error()
+    from longtrain.memory.plan_table import format_time_model_error, time_model_error
+
+    rows = time_model_error()
     assert len(rows) == len(MEASURED) >= 15
     worst = max(rows, key=lambda r: abs(r[2]))
-    assert abs(worst[2]) <= MAX_ERROR, planner.format_time_model_error(rows)
+    assert abs(worst[2]) <= MAX_ERROR, format_time_model_error(rows)
 
 
 def test_nothing_fits_error_names_the_budgets():
