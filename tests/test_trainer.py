@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from longtrain.config import load_config
 from longtrain.trainer.train import train
@@ -74,3 +75,18 @@ def test_throughput_of_a_short_window_divides_by_the_steps_in_it(tmp_path, monke
         assert r["step_time_s"] == pytest.approx(1.0), r
         assert r["tokens_per_s"] == pytest.approx(tokens_per_step / 1.0), r
     assert [r["window_steps"] for r in recs] == [4, 2, 2, 2]
+
+
+def test_measuring_the_cpu_peak_leaves_the_global_rng_alone():
+    """device_peak_flops runs after a resume restored the RNG state: it must not draw from it."""
+    from longtrain.trainer import metrics
+
+    metrics._cpu_peak_cache.clear()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    metrics.device_peak_flops(torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), before)
+    metrics._cpu_peak_cache.clear()
+    torch.manual_seed(123)
+    torch.randn(4)  # the check can fail: drawing moves the state
+    assert not torch.equal(torch.get_rng_state(), before)

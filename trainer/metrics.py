@@ -33,7 +33,9 @@ def device_peak_flops(device: torch.device) -> tuple[float, str]:
         # No datasheet for an arbitrary CPU: time a float32 matmul (best of 3 short windows, so a
         # busy moment does not understate the peak and push MFU past 100%).
         n = 1024
-        a = torch.randn(n, n)
+        # its own generator: drawing from the global one would move the RNG state a resumed run
+        # has just restored from its checkpoint
+        a = torch.randn(n, n, generator=torch.Generator().manual_seed(0))
         torch.mm(a, a)
         best = 0.0
         for _ in range(3):
