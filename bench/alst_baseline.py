@@ -512,14 +512,7 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
             rec["warning"] = "activation offload was on but offloaded no tensor in the profiled step"
             common.log(f"WARNING: {rec['warning']}: {st}", rank)
 
-    common.record_peaks(rec, device)
-    common.add_ideal(rec, shape, world)
-    rec["status"] = "ok"
-    writer.write()
-    if rank == 0:
-        common.print_profile(prof or {})
-        common.print_ideal(rec)
-        common.print_table([rec])
+    common.finish_record(rec, writer, device, shape, world, rank, prof)
     return rec
 
 
@@ -544,7 +537,6 @@ def _as_llama(m):
     import dataclasses
 
     return dataclasses.replace(m, arch="llama", n_layers=m.n_unrolled_layers, lora_rank=0, reinject="none")
-
 
 
 # --------------------------------------------------------------------------------------------

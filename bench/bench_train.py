@@ -267,7 +267,7 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
         times.append(dt)
         data_times.append(timings.get("data_s", 0.0))
         rec.update(step_times_s=times, data_times_s=data_times, loss=float(loss))
-        _fill_rates(rec, times, tokens_per_step, fpt, fpt_c, peak, dims.world_size)
+        common.fill_rates(rec, times, tokens_per_step, fpt, fpt_c, peak, dims.world_size)
         rec.update(common.gpu_memory(dims.device), **common.host_memory())
         writer.write()
         common.log(f"step {i + 1}/{args.steps}: {dt:.3f} s  loss={float(loss):.4f}  "
@@ -354,31 +354,12 @@ def describe_configuration(cfg, dims, requested_policy: str | None = None) -> st
     return " ".join(parts)
 
 
-def _fill_rates(rec, times, tokens_per_step, fpt, fpt_c, peak, world) -> None:
-    med = common.median(times)
-    tps = tokens_per_step / med
-    rec.update(step_time_s_median=med, tokens_per_s=tps, tokens_per_s_per_gpu=tps / world,
-               mfu=tps * fpt / (peak * world), mfu_causal=tps * fpt_c / (peak * world))
-
-
-
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    rec = common.base_record("longtrain", [sys.executable, *sys.argv] if argv is None else list(argv))
-    writer = common.ResultWriter(args.out, rec, enabled=(rank == 0))
-    writer.write(force=True)
-    try:
-        run(args, writer, rec)
-    except BaseException as e:  # noqa: BLE001 - every failure becomes a record
-        # the planner refusing before anything ran (memory.policy=auto) is its own status; any
-        # failing rank writes: the launcher stops the others, and rank 0 may be one of them
-        status = "no_fit" if "no memory policy fits" in str(e) else None
-        # skip interpreter teardown: a collective peer may be gone, and destroying NCCL can hang
-        os._exit(common.record_failure(rec, e, args.out, rank, "bench", status, first_only=False))
-    common.shutdown_distributed()
-    return 0
-
+    # the planner refusing before anything ran (memory.policy=auto) is its own status; any failing
+    # rank writes: the launcher stops the others, and rank 0 may be one of them
+    return common.run_main("longtrain", "bench", run, build_parser().parse_args(argv), argv,
+                           status_of=lambda e: "no_fit" if "no memory policy fits" in str(e) else None,
+                           first_only=False)
 
 
 if __name__ == "__main__":

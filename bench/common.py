@@ -783,6 +783,47 @@ def mem_line(device) -> str:
     return f"{gpu}RSS {h['host_rss_gib']:.2f} GiB"
 
 
+def fill_rates(rec: dict, times: list, tokens_per_step: float, fpt: float, fpt_c: float, peak: float,
+               world: int) -> None:
+    """The median step time of ``times`` and what follows from it: tokens/s (all GPUs, per GPU) and
+    MFU by the non-causal and the causal FLOP count."""
+    med = median(times)
+    tps = tokens_per_step / med
+    rec.update(step_time_s_median=med, tokens_per_s=tps, tokens_per_s_per_gpu=tps / world,
+               mfu=tps * fpt / (peak * world), mfu_causal=tps * fpt_c / (peak * world))
+
+
+def finish_record(rec: dict, writer, device, model_cfg, world: int, rank: int, prof) -> None:
+    """A run that went well: memory peaks over ranks, the kernel-bound ideal step, status ok, the
+    record written, and on rank 0 the profile, the ideal and the table printed."""
+    record_peaks(rec, device)
+    add_ideal(rec, model_cfg, world)
+    rec["status"] = "ok"
+    writer.write()
+    if rank == 0:
+        print_profile(prof or {})
+        print_ideal(rec)
+        print_table([rec])
+
+
+def run_main(system: str, who: str, run, args, argv, status_of=None, first_only: bool = True) -> int:
+    """A benchmark's ``main``: a record for ``system`` written from the start, ``run(args, writer,
+    rec)``, and any failure turned into the record (``record_failure``; ``status_of(e)`` may name
+    a status of the script's own) and the process ended at once -- a collective peer may be gone,
+    and destroying NCCL can hang."""
+    rank = int(os.environ.get("RANK", "0"))
+    rec = base_record(system, [sys.executable, *sys.argv] if argv is None else list(argv))
+    writer = ResultWriter(args.out, rec, enabled=(rank == 0))
+    writer.write(force=True)
+    try:
+        run(args, writer, rec)
+    except BaseException as e:  # noqa: BLE001 - every failure becomes a record
+        status = status_of(e) if status_of is not None else None
+        os._exit(record_failure(rec, e, args.out, rank, who, status, first_only))
+    shutdown_distributed()
+    return 0
+
+
 def run_timed_steps(step, *, warmup: int, steps: int, profile: bool, trace_dir, rec: dict, writer, device,
                     rank: int, tokens_per_step: float, world: int, fpt: float, fpt_c: float, peak: float,
                     loss_value=float) -> dict | None:
@@ -806,14 +847,12 @@ def run_timed_steps(step, *, warmup: int, steps: int, profile: bool, trace_dir, 
         sync(device)
         dt = time.perf_counter() - t
         times.append(dt)
-        med = median(times)
-        tps = tokens_per_step / med
-        rec.update(step_times_s=times, loss=loss_value(loss), step_time_s_median=med, tokens_per_s=tps,
-                   tokens_per_s_per_gpu=tps / world, mfu=tps * fpt / (peak * world),
-                   mfu_causal=tps * fpt_c / (peak * world))
+        rec.update(step_times_s=times, loss=loss_value(loss))
+        fill_rates(rec, times, tokens_per_step, fpt, fpt_c, peak, world)
         rec.update(gpu_memory(device), **host_memory())
         writer.write()
-        log(f"step {i + 1}/{steps}: {dt:.3f} s  loss={rec['loss']:.4f}  {tps:.4g} tok/s  {mem_line(device)}", rank)
+        log(f"step {i + 1}/{steps}: {dt:.3f} s  loss={rec['loss']:.4f}  {rec['tokens_per_s']:.4g} tok/s  "
+            f"{mem_line(device)}", rank)
     rec["status"] = "timed_done"
     if not profile:
         return None

@@ -417,32 +417,13 @@ def run(args, writer: common.ResultWriter, rec: dict) -> dict:
                                   tokens_per_step=tokens_per_step, world=world, fpt=fpt, fpt_c=fpt_c, peak=peak,
                                   loss_value=global_loss)
 
-    common.record_peaks(rec, device)
-    common.add_ideal(rec, m, world)
-    rec["status"] = "ok"
-    writer.write()
-    if rank == 0:
-        common.print_profile(prof or {})
-        common.print_ideal(rec)
-        common.print_table([rec])
+    common.finish_record(rec, writer, device, m, world, rank, prof)
     trainer.close()
     return rec
 
 
-
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    rec = common.base_record("torchtitan", [sys.executable, *sys.argv] if argv is None else list(argv))
-    writer = common.ResultWriter(args.out, rec, enabled=(rank == 0))
-    writer.write(force=True)
-    try:
-        run(args, writer, rec)
-    except BaseException as e:  # noqa: BLE001 - every failure becomes a record
-        code = common.record_failure(rec, e, args.out, rank, "titan")
-        os._exit(code)  # a peer may be gone: skip NCCL teardown
-    common.shutdown_distributed()
-    return 0
+    return common.run_main("torchtitan", "titan", run, build_parser().parse_args(argv), argv)
 
 
 if __name__ == "__main__":

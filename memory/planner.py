@@ -558,7 +558,7 @@ def estimate(cfg: Config, lay: ParallelDims, pol: Policy, rates: Rates = H200) -
     out.phase = max(out.phases, key=out.phases.get)
     out.gpu = dict(out.phase_terms[out.phase])
     out.host = {k: int(v) for k, v in hst.items()}
-    out.time = step_time(cfg, lay, pol, out.host.get("offloaded activations", 0), sh.p_local, rates)
+    out.time = step_time(cfg, lay, pol, out.host.get("offloaded activations", 0), sh.p_local, sh.a, rates)
     return out
 
 

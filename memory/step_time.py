@@ -96,11 +96,13 @@ class StepTime:
         return float(sum(self.terms.values()))
 
 
-def step_time(cfg, dims, pol, host_bytes: float, params_per_rank: float, rates: Rates = H200) -> StepTime:
+def step_time(cfg, dims, pol, host_bytes: float, params_per_rank: float, act_bytes: int,
+              rates: Rates = H200) -> StepTime:
     """Seconds of one step of ``cfg`` on the layout ``dims`` under policy ``pol``.
 
     ``host_bytes``: what the policy offloads per rank (the planner's estimate of the offloaded
-    activations), moved once each way; ``params_per_rank``: the rank's parameter shard.
+    activations), moved once each way; ``params_per_rank``: the rank's parameter shard;
+    ``act_bytes``: bytes of an activation element (the planner's ``act_bytes``).
     """
     m = cfg.model
     t, s = dims.tp, dims.sp
@@ -140,7 +142,7 @@ def step_time(cfg, dims, pol, host_bytes: float, params_per_rank: float, rates: 
     terms["recomputation"] = rec
     # ---- Ulysses all-to-all --------------------------------------------------------------------
     if s > 1:
-        a = 2 if _compute_bf16(cfg) else 4
+        a = act_bytes
         kv_t = max(1, m.n_kv_heads // t)
         kv_eff = kv_t * (s // math.gcd(kv_t, s))  # kv heads replicated to lcm(kv, sp)
         qkv = a * T * (m.n_heads / t + 2 * kv_eff) * m.head_dim
@@ -171,10 +173,6 @@ def step_time(cfg, dims, pol, host_bytes: float, params_per_rank: float, rates: 
 def _by_head_dim(table: dict, hd: int) -> float:
     """The entry for the nearest head_dim in ``table``."""
     return table[min(table, key=lambda k: abs(k - hd))]
-
-
-def _compute_bf16(cfg) -> bool:
-    return cfg.schedule.dtype in ("bf16", "auto")
 
 
 # --------------------------------------------------------------------------------------------
