@@ -98,6 +98,7 @@ class Loader:
         chunk = seq_len // sp_size
         self.lo, self.hi = sp_rank * chunk, (sp_rank + 1) * chunk
         self.consumed = 0  # global samples consumed by all dp ranks before the next micro-batch
+        self.strict_resume = True  # data.on_order_change=error: refuse a state saved under other settings
 
     def __iter__(self) -> "Loader":
         return self
@@ -135,13 +136,14 @@ class Loader:
         return {"version": STATE_VERSION, "consumed_samples": self.consumed, "epoch": pos["epoch"],
                 "epoch_start": pos["epoch_start"], "order": self.order.fingerprint()}
 
-    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+    def load_state_dict(self, state: dict, strict: Optional[bool] = None) -> None:
         """Continue after ``state["consumed_samples"]`` global samples (any dp size).
 
         ``strict`` refuses a state whose order depends on other settings (seed, seq_len, packing,
         dataset); with ``strict=False`` it only warns and continues at the same sample count in
-        the new order.
+        the new order. ``None`` takes ``data.on_order_change`` (``self.strict_resume``).
         """
+        strict = self.strict_resume if strict is None else strict
         if state.get("version") != STATE_VERSION:
             raise DataError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}; "
                             f"this checkpoint was written by another longtrain version.")
@@ -152,8 +154,9 @@ class Loader:
                    ", ".join(f"{k}={theirs.get(k)!r} (now {mine.get(k)!r})" for k in diff) +
                    "; the global sample order differs, so the run cannot continue on the exact next sample.")
             if strict:
-                raise DataError(msg + " Restore the old data settings, or load with strict=False to continue "
-                                      "at the same sample count in the new order.")
+                raise DataError(msg + " Restore the old data settings, or set data.on_order_change=continue to "
+                                      "continue at the same sample count in the new order (as when extending "
+                                      "the context to a longer seq_len).")
             log.warning(msg)
             self.consumed = int(state["consumed_samples"])
             return
@@ -173,6 +176,8 @@ def build_loader(cfg, *, vocab_size: int, dp_rank: int = 0, dp_size: int = 1, sp
     order = GlobalSampleOrder(docs.lengths, splits[split], seq_len=cfg.seq_len, method=cfg.packing,
                               split_long=cfg.split_long, seed=cfg.seed, split=split, window=cfg.pack_window,
                               length_weighting=cfg.length_weighting)
-    return Loader(docs, order, batch_size=cfg.batch_size, seq_len=cfg.seq_len, pad_id=pad,
-                  doc_masking=cfg.doc_masking, dp_rank=dp_rank, dp_size=dp_size, sp_rank=sp_rank,
-                  sp_size=sp_size)
+    loader = Loader(docs, order, batch_size=cfg.batch_size, seq_len=cfg.seq_len, pad_id=pad,
+                    doc_masking=cfg.doc_masking, dp_rank=dp_rank, dp_size=dp_size, sp_rank=sp_rank,
+                    sp_size=sp_size)
+    loader.strict_resume = cfg.on_order_change == "error"
+    return loader

@@ -182,6 +182,9 @@ class DataConfig:
     pack_window: int = 4096  # documents packed together; the shuffle/packing unit of an epoch
     length_weighting: float = 0.0  # train epochs hold a document ~(length / mean length)^p times; 0 = once each
     verify_checksums: bool = True  # sha256 every shard when opened (sizes are always checked)
+    # a resumed run whose order settings (seq_len, seed, packing, dataset) differ from the checkpoint's:
+    # error, or continue at the same global sample count in the new order (context extension)
+    on_order_change: Literal["error", "continue"] = "error"
     stdlib_mb: float = 4.0  # source=stdlib: MB of standard-library source to train on
     synthetic_docs: int = 4096  # source=synthetic: number of random documents
     synthetic_doc_len: int = 512  # source=synthetic: mean document length in tokens

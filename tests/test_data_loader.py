@@ -137,10 +137,14 @@ def test_resume_refuses_a_state_from_other_data_settings():
     a = build_loader(_cfg(), vocab_size=VOCAB)
     next(a)
     b = build_loader(_cfg(seq_len=128), vocab_size=VOCAB)
-    with pytest.raises(DataError, match="seq_len=64 .now 128"):
+    with pytest.raises(DataError, match="seq_len=64 .now 128.*data.on_order_change=continue"):
         b.load_state_dict(a.state_dict())
     b.load_state_dict(a.state_dict(), strict=False)
     assert b.consumed == a.consumed
+    # the config says so for a whole run (context extension to a longer seq_len)
+    c = build_loader(_cfg(seq_len=128, on_order_change="continue"), vocab_size=VOCAB)
+    c.load_state_dict(a.state_dict())
+    assert c.consumed == a.consumed
 
 
 def test_eval_split_uses_held_out_documents_in_its_own_order():
