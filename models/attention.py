@@ -79,16 +79,44 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def document_block_mask(doc_ids: torch.Tensor):
-    """FlexAttention block mask: causal and within one document. doc_ids: [B, S]."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def document_block_mask(doc_ids: torch.Tensor, block: int = 128):
+    """FlexAttention block mask: causal and within one document. doc_ids: [B, S].
+
+    Built from per-block document ranges in O((S / block)^2) memory. ``create_block_mask`` would
+    first materialise the whole S x S mask in eager mode (128 GiB at 128K tokens); its compiled
+    form avoids that but cannot run inside the selective-recompute dispatch mode
+    (memory/selective.py) where the first block builds the mask. A (query block, key block) pair
+    is *partial* when their document-id ranges overlap (a superset of the pairs with any allowed
+    entry, so the mask is exact: ``mask_mod`` decides inside partial blocks), *full* when both
+    blocks lie in one and the same document and the key block is strictly earlier.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
 
     B, S = doc_ids.shape
+    n = -(-S // block)
+    ids = doc_ids
+    if n * block != S:  # a ragged last block: repeat its last id (only widens its range)
+        ids = torch.cat([ids, ids[:, -1:].expand(B, n * block - S)], dim=1)
+    ids = ids.view(B, n, block)
+    lo, hi = ids.amin(-1), ids.amax(-1)  # [B, n]
+    q_idx = torch.arange(n, device=doc_ids.device)
+    causal = q_idx[:, None] >= q_idx[None, :]
+    overlap = (lo[:, None, :] <= hi[:, :, None]) & (lo[:, :, None] <= hi[:, None, :])  # [B, q, kv]
+    single = lo == hi
+    full = (causal & (q_idx[:, None] != q_idx[None, :]))[None] & single[:, :, None] & single[:, None, :] & \
+        (lo[:, :, None] == lo[:, None, :])
+    partial = causal[None] & overlap & ~full
+
+    def ordered(m: torch.Tensor):  # [B, q, kv] bool -> counts [B, 1, q], indices [B, 1, q, kv] (used ones first)
+        counts = m.sum(-1, dtype=torch.int32)
+        order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return counts[:, None], order[:, None]
 
     def mask_mod(b, h, q, kv):
         return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
 
-    return create_block_mask(mask_mod, B, None, S, S, device=doc_ids.device)
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(S, S))
 
 
 def dense_document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -128,11 +156,8 @@ class CoreAttention(torch.nn.Module):
             flex = _compiled_flex() if q.is_cuda else None
             if flex is None:
                 from torch.nn.attention.flex_attention import flex_attention as flex
-            if doc_ids is None:
-                from torch.nn.attention.flex_attention import create_block_mask
-
-                S = q.shape[1]
-                bm = create_block_mask(lambda b, h, i, j: i >= j, None, None, S, S, device=q.device)
+            if doc_ids is None:  # plain causal: one document
+                bm = document_block_mask(torch.zeros(1, q.shape[1], dtype=torch.int32, device=q.device))
             else:
                 bm = self._cached(doc_ids, document_block_mask)
             out = flex(qt, kt, vt, block_mask=bm, enable_gqa=gqa)

@@ -109,6 +109,20 @@ def test_async_save_holds_the_weights_of_its_step(tmp_path, staging):
         assert torch.equal(v, before[k]), k
 
 
+def test_background_stager_survives_a_close_between_saves(tmp_path):
+    """torch 2.11's async_save closes the caller's stager when its upload completes; the run's
+    stager must still stage the next save (it failed with KeyError: <class 'type'> on an H200)."""
+    _, *objs, ck = make(tmp_path, "checkpoint.every_steps=1", "checkpoint.staging=background")
+    for _ in range(3):
+        step(*objs)
+        ck.after_step()
+        ck.wait()
+        ck._stager.close()  # what torch 2.11 does after each upload
+    ck.finish()
+    assert [s for s, _ in step_dirs(tmp_path / "ckpt")][-1] == 3
+    assert read_latest(tmp_path / "ckpt").name == "step-3"
+
+
 def test_retention_keeps_last_k_and_every_kth(tmp_path):
     _, *objs, ck = make(tmp_path, "checkpoint.every_steps=1", "checkpoint.keep_last=2", "checkpoint.keep_every=4",
                         "checkpoint.async_save=false")

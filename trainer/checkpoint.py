@@ -194,6 +194,19 @@ def _log(msg: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+class _RunStager(DefaultStager):
+    """The one background stager of a run: its pinned buffers serve every save. torch 2.11's
+    ``dcp.async_save`` closes a caller's stager once that save's upload completes (the next save
+    then fails inside the staging copy with ``KeyError: <class 'type'>``, seen on an H200); only
+    ``Checkpointer.finish`` closes this one."""
+
+    def close(self) -> None:
+        pass
+
+    def close_for_good(self) -> None:
+        super().close()
+
+
 class Checkpointer:
     """Saves and restores the bundle {model, optimizer, lr_scheduler, dataloader, train_state, rng}.
 
@@ -309,7 +322,7 @@ class Checkpointer:
             self._staging_hook.remove()
             self._staging_hook = None
         if self._stager is not None:
-            self._stager.close()
+            self._stager.close_for_good()
             self._stager = None
 
     close = finish
@@ -360,8 +373,8 @@ class Checkpointer:
         if self.ccfg.staging != "background" or not self.ccfg.async_save:
             return None, None
         cuda = getattr(getattr(self.dims, "device", None), "type", "cpu") == "cuda"
-        stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                              use_async_staging=True, use_non_blocking_copy=cuda))
+        stager = _RunStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                           use_async_staging=True, use_non_blocking_copy=cuda))
         hook = None
         if hasattr(self.optimizer, "register_step_pre_hook"):
             hook = self.optimizer.register_step_pre_hook(lambda *args: self.wait_staged())
