@@ -56,10 +56,12 @@ COMMON="data.source=shards data.path=$WORK/shards model.vocab_size=264 optim.lr=
 stamp "train $STEPS_A steps at $SEQ_SHORT (blocking staging, save every $EVERY_A)"
 python3 -m longtrain train "$CONFIG" $COMMON data.seq_len=$SEQ_SHORT schedule.steps=$STEPS_A \
   checkpoint.every_steps=$EVERY_A checkpoint.staging=blocking
+cp "$WORK/run/metrics.jsonl" "$DEST/train-metrics.jsonl"
 STEPS_A2=$((STEPS_A + EVERY_A))
 stamp "train to $STEPS_A2 at $SEQ_SHORT (background staging, save every $((EVERY_A / 2)))"
 python3 -m longtrain train "$CONFIG" $COMMON data.seq_len=$SEQ_SHORT schedule.steps=$STEPS_A2 \
   checkpoint.every_steps=$((EVERY_A / 2)) checkpoint.staging=background
+cp "$WORK/run/metrics.jsonl" "$DEST/train-metrics.jsonl"
 FACTOR=$((SEQ_LONG / SEQ_SHORT))
 ROPE="model.rope_scaling.type=llama3 model.rope_scaling.factor=$FACTOR model.rope_scaling.original_max_position=$SEQ_SHORT"
 stamp "context extension: $STEPS_B steps at $SEQ_LONG, llama3 RoPE scaling x$FACTOR"
