@@ -57,11 +57,14 @@ stamp "train $STEPS_A steps at $SEQ_SHORT (blocking staging, save every $EVERY_A
 python3 -m longtrain train "$CONFIG" $COMMON data.seq_len=$SEQ_SHORT schedule.steps=$STEPS_A \
   checkpoint.every_steps=$EVERY_A checkpoint.staging=blocking
 cp "$WORK/run/metrics.jsonl" "$DEST/train-metrics.jsonl"
-STEPS_A2=$((STEPS_A + EVERY_A))
-stamp "train to $STEPS_A2 at $SEQ_SHORT (background staging, save every $((EVERY_A / 2)))"
-python3 -m longtrain train "$CONFIG" $COMMON data.seq_len=$SEQ_SHORT schedule.steps=$STEPS_A2 \
-  checkpoint.every_steps=$((EVERY_A / 2)) checkpoint.staging=background
-cp "$WORK/run/metrics.jsonl" "$DEST/train-metrics.jsonl"
+STEPS_A2=$STEPS_A
+if [ "${BACKGROUND_STAGING:-1}" = 1 ]; then
+  STEPS_A2=$((STEPS_A + EVERY_A))
+  stamp "train to $STEPS_A2 at $SEQ_SHORT (background staging, save every $((EVERY_A / 2)))"
+  python3 -m longtrain train "$CONFIG" $COMMON data.seq_len=$SEQ_SHORT schedule.steps=$STEPS_A2 \
+    checkpoint.every_steps=$((EVERY_A / 2)) checkpoint.staging=background
+  cp "$WORK/run/metrics.jsonl" "$DEST/train-metrics.jsonl"
+fi
 FACTOR=$((SEQ_LONG / SEQ_SHORT))
 ROPE="model.rope_scaling.type=llama3 model.rope_scaling.factor=$FACTOR model.rope_scaling.original_max_position=$SEQ_SHORT"
 stamp "context extension: $STEPS_B steps at $SEQ_LONG, llama3 RoPE scaling x$FACTOR"
