@@ -109,15 +109,18 @@ def test_async_save_holds_the_weights_of_its_step(tmp_path, staging):
         assert torch.equal(v, before[k]), k
 
 
-def test_background_stager_survives_a_close_between_saves(tmp_path):
-    """torch 2.11's async_save closes the caller's stager when its upload completes; the run's
-    stager must still stage the next save (it failed with KeyError: <class 'type'> on an H200)."""
+def test_background_staging_uses_a_fresh_stager_per_save(tmp_path):
+    """A stager reused for a second save failed inside its copy under torch 2.11 (KeyError:
+    <class 'type'>, on an H200): each save gets its own, closed once the save is written."""
     _, *objs, ck = make(tmp_path, "checkpoint.every_steps=1", "checkpoint.staging=background")
+    seen = []
     for _ in range(3):
         step(*objs)
         ck.after_step()
+        seen.append(ck._stager)
         ck.wait()
-        ck._stager.close()  # what torch 2.11 does after each upload
+        assert ck._stager is None  # closed with its save
+    assert len({id(s) for s in seen}) == 3 and None not in seen
     ck.finish()
     assert [s for s, _ in step_dirs(tmp_path / "ckpt")][-1] == 3
     assert read_latest(tmp_path / "ckpt").name == "step-3"

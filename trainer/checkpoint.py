@@ -194,19 +194,6 @@ def _log(msg: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class _RunStager(DefaultStager):
-    """The one background stager of a run: its pinned buffers serve every save. torch 2.11's
-    ``dcp.async_save`` closes a caller's stager once that save's upload completes (the next save
-    then fails inside the staging copy with ``KeyError: <class 'type'>``, seen on an H200); only
-    ``Checkpointer.finish`` closes this one."""
-
-    def close(self) -> None:
-        pass
-
-    def close_for_good(self) -> None:
-        super().close()
-
-
 class Checkpointer:
     """Saves and restores the bundle {model, optimizer, lr_scheduler, dataloader, train_state, rng}.
 
@@ -243,7 +230,8 @@ class Checkpointer:
         self._rollbacks: dict[str, int] = {}
         self.loaded_from: Optional[Path] = None
         self._staging = None  # checkpoint.staging=background: the copy off the GPU still running
-        self._stager, self._staging_hook = self._background_stager()
+        self._stager: Optional[DefaultStager] = None  # the in-flight save's (background staging)
+        self._staging_hook = self._background_staging_hook()
 
     # ---------------------------------------------------------------- the loop's interface
 
@@ -321,9 +309,7 @@ class Checkpointer:
         if self._staging_hook is not None:
             self._staging_hook.remove()
             self._staging_hook = None
-        if self._stager is not None:
-            self._stager.close_for_good()
-            self._stager = None
+        self._close_stager()
 
     close = finish
 
@@ -365,20 +351,30 @@ class Checkpointer:
 
     # ---------------------------------------------------------------- save
 
-    def _background_stager(self):
-        """``checkpoint.staging=background``: one DCP ``DefaultStager`` for the run (its pinned
-        buffers are reused by every save) and an optimizer pre-step hook that waits for the copy,
-        so parameters change only after they are staged. Optimizers without step hooks (none of
-        ours) would wait right after staging starts instead."""
+    def _background_staging_hook(self):
+        """``checkpoint.staging=background``: an optimizer pre-step hook that waits for the copy of
+        the in-flight save, so parameters change only after they are staged. Optimizers without
+        step hooks (none of ours) would wait right after staging starts instead."""
         if self.ccfg.staging != "background" or not self.ccfg.async_save:
-            return None, None
-        cuda = getattr(getattr(self.dims, "device", None), "type", "cpu") == "cuda"
-        stager = _RunStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                           use_async_staging=True, use_non_blocking_copy=cuda))
-        hook = None
+            return None
         if hasattr(self.optimizer, "register_step_pre_hook"):
-            hook = self.optimizer.register_step_pre_hook(lambda *args: self.wait_staged())
-        return stager, hook
+            return self.optimizer.register_step_pre_hook(lambda *args: self.wait_staged())
+        return None
+
+    def _new_stager(self) -> DefaultStager:
+        """A DCP ``DefaultStager`` for one save: pinned buffers filled by a thread while the next
+        forward/backward runs. One per save, closed when it is written: under torch 2.11 a stager
+        reused for a second save failed inside its copy (``KeyError: <class 'type'>``, on an H200;
+        its cached-buffer path deep-copies the DTensor class), so the buffers are not reused."""
+        cuda = getattr(getattr(self.dims, "device", None), "type", "cpu") == "cuda"
+        self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                    use_async_staging=True, use_non_blocking_copy=cuda))
+        return self._stager
+
+    def _close_stager(self) -> None:
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     def wait_staged(self) -> None:
         """Block until the state of the in-flight save is copied off the GPU (background staging)."""
@@ -430,7 +426,8 @@ class Checkpointer:
             self._commit(step, tmp)
             self._barrier()  # a returned synchronous save is committed, on every rank
         else:
-            extra = {"async_stager": self._stager} if self._stager is not None else {}
+            background = self.ccfg.staging == "background"
+            extra = {"async_stager": self._new_stager()} if background else {}
             resp = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.pg,
                                   no_dist=not self.distributed, **extra)
             fut = getattr(resp, "upload_completion", resp)  # AsyncSaveResponse with a stager
@@ -452,6 +449,8 @@ class Checkpointer:
         except SAVE_ERRORS as e:
             self._save_failed(step, tmp, e)
             return
+        finally:
+            self._close_stager()  # its pinned buffers go back once the state is written
         self._commit(step, tmp)
 
     def _poll_pending(self) -> None:
