@@ -26,12 +26,14 @@ attention is wrapped.
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from longtrain.config import ConfigError
 from longtrain.memory.offload import offload_layer_inputs
 from longtrain.memory.recompute import apply_recompute
 from longtrain.memory.tiling import apply_tiling
+from longtrain.models.attention import selective_recompute_supported
 
 
 def apply_activation_memory(model: nn.Module, cfg) -> dict:
@@ -52,6 +54,12 @@ def apply_activation_memory(model: nn.Module, cfg) -> dict:
         offloader = offload_layer_inputs(mem, device)
         model._longtrain_offloader = offloader
     modes = apply_recompute(model, mem, offloader.wrap if offloader is not None else None, store=offloader)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if "selective" in modes.values() and not selective_recompute_supported(cfg.model.attn_backend, device.type,
+                                                                           cfg.data.doc_masking):
+        raise ConfigError("memory.recompute=selective cannot run around FlexAttention (document masks on a GPU: "
+                          "compiled flex cannot be traced inside selective recompute); use memory.recompute=full, "
+                          "data.doc_masking=false, or memory.policy=auto (which then leaves selective out).")
     summary["recompute"] = _summarise(modes)
     if offloader is not None:
         summary["offload"] = f"fraction={mem.offload_fraction} host_budget_gb={mem.host_budget_gb:g}"

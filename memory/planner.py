@@ -110,6 +110,7 @@ import torch
 
 from longtrain.config import Config, ConfigError
 from longtrain.memory.step_time import H200, Rates, StepTime, step_time
+from longtrain.models.attention import selective_recompute_supported
 from longtrain.models.costs import count_params
 from longtrain.parallel.mesh import ParallelDims
 from longtrain.parallel.precision import fsdp_wraps
@@ -599,7 +600,7 @@ def candidate_policies(cfg: Config, lay: ParallelDims) -> list[Policy]:
     fractions = (0.0,) + tuple(round(k / OFFLOAD_STEPS, 4) for k in range(1, OFFLOAD_STEPS + 1))
     states = ({}, {"optimizer_offload": True}, {"fsdp_cpu_offload": True})
     out = []
-    for recompute in ("none", "selective", "full"):
+    for recompute in recompute_modes(cfg):
         for tiled_mlp in (0, mlp):
             for state in states:
                 for loops in ((False, True) if looped else (False,)):
@@ -609,6 +610,16 @@ def candidate_policies(cfg: Config, lay: ParallelDims) -> list[Policy]:
                             out.append(dataclasses.replace(base, tiled_loss=0))
                         out.append(base)
     return out
+
+
+def recompute_modes(cfg: Config) -> tuple[str, ...]:
+    """none, selective, full -- without selective where the attention kernel cannot run inside it
+    (``models.attention.selective_recompute_supported``: document masks on FlexAttention on a GPU)."""
+    device = cfg.schedule.device if cfg.schedule.device != "auto" else \
+        ("cuda" if torch.cuda.is_available() else "cpu")
+    if selective_recompute_supported(cfg.model.attn_backend, device, cfg.data.doc_masking):
+        return ("none", "selective", "full")
+    return ("none", "full")
 
 
 def device_budget_bytes(cfg: Config) -> tuple[int, str]:

@@ -49,6 +49,14 @@ def select_backend(requested: str, device: torch.device, has_docs: bool) -> str:
     return "sdpa_cudnn"
 
 
+def selective_recompute_supported(requested: str, device_type: str, has_docs: bool) -> bool:
+    """Whether selective recomputation (``memory/selective.py``, a Python dispatch mode around each
+    block) can run around this attention. Compiled FlexAttention -- document masks on a GPU --
+    cannot: dynamo refuses to trace into an active dispatch mode (torch 2.11 on an H200,
+    ``Unsupported: Attempted to inline function marked as skipped``)."""
+    return not (device_type == "cuda" and select_backend(requested, torch.device(device_type), has_docs) == "flex")
+
+
 def describe_backends(requested: str, device: torch.device) -> str:
     """One line for the start-up log: which kernel each case will use."""
     plain = select_backend(requested, device, has_docs=False)

@@ -301,3 +301,22 @@ def test_the_looped_core_stays_gathered_under_fsdp():
     e = estimate(cfg, lay, Policy("full", tiled_loss=512))
     root = 2 * (pc["embedding"] + pc["head"])  # bf16 unsharded root (embedding, head)
     assert e.phase_terms["backward (first block)"]["fsdp unsharded root"] == root + 2 * m.n_core * pc["block"]
+
+
+@pytest.mark.parametrize("device,doc_masking,selective", [("cuda", True, False), ("cuda", False, True),
+                                                           ("cpu", True, True)])
+def test_selective_is_left_out_where_flex_attention_runs_document_masks(device, doc_masking, selective):
+    """Compiled FlexAttention (document masks on a GPU) cannot run inside selective recompute's
+    dispatch mode (seen on an H200): the planner weighs only none and full there, and a manual
+    selective policy on such a model is refused in one line."""
+    over = ["data.seq_len=131072", "schedule.dtype=bf16", "memory.gpu_budget_gb=139", "memory.policy=auto",
+            f"schedule.device={device}", f"data.doc_masking={str(doc_masking).lower()}"]
+    p = plan(load_config("llama3.2-1b", over), 1)
+    assert any(e.policy.recompute == "selective" for e in p.rows) == selective
+    assert p.chosen is not None
+
+
+def test_the_selective_rule_follows_the_attention_kernel():
+    from longtrain.models.attention import selective_recompute_supported as ok
+    assert not ok("flex", "cuda", False) and not ok("auto", "cuda", True)  # compiled flex on a GPU
+    assert ok("auto", "cuda", False) and ok("sdpa_cudnn", "cuda", True) and ok("auto", "cpu", True)
