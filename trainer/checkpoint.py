@@ -288,7 +288,8 @@ class Checkpointer:
         self._save_seen, self._exit_seen = saves, exits
         if self.distributed:  # the same decision on every rank (signals arrive at different steps)
             t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=self._collective_device())
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            with self._watch("all_reduce(checkpoint flags)", step=step - 1):  # the step just trained
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flags = [bool(x) for x in t.tolist()]
         on_demand, exit_after = flags
         if due or on_demand:
@@ -329,6 +330,10 @@ class Checkpointer:
         Everything is restored except the data position: the loader keeps going, so the batches
         that produced the bad step are not replayed (replaying them would fail the same way).
         """
+        with self._watch("checkpoint rollback"):
+            return self._rollback(reason)
+
+    def _rollback(self, reason: str) -> Path:
         self.wait()
         self._barrier()  # rank 0 has committed the in-flight save before anyone lists the directory
         dirs = step_dirs(self.root)
@@ -374,11 +379,11 @@ class Checkpointer:
             with self._watch("checkpoint staging"):
                 staging.result()
 
-    def _watch(self, op: str):
+    def _watch(self, op: str, step: Optional[int] = None):
         """``dims.watch``: a rank stuck in a save is named by the hang watchdog like any collective."""
         watch = getattr(self.dims, "watch", None)
-        if getattr(self.dims, "watchdog", None) is not None:
-            self.dims.watchdog.step = self.step  # the step whose state is being saved
+        if getattr(self.dims, "watchdog", None) is not None:  # by default the step whose state is saved
+            self.dims.watchdog.step = self.step if step is None else step
         return watch(op) if watch is not None else contextlib.nullcontext()
 
     def save(self, sync: bool = False) -> None:

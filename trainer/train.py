@@ -81,6 +81,8 @@ def setup(cfg: Config):
 def train(cfg: Config) -> dict:
     cfg, dims, model, optimizer, scheduler, loader, eval_loader = setup(cfg)
     run_dir = start_run(cfg, dims)
+    if dims.watchdog is not None:  # heartbeats that do not depend on rank 0 (which serves the store)
+        dims.watchdog.share_heartbeats(run_dir / "heartbeat")
     state = TrainState()
     ckpt = Checkpointer(cfg, dims, run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                         loader=loader, state=state)
@@ -144,10 +146,11 @@ def train(cfg: Config) -> dict:
                 log.log(state.step, last, print_line=state.step % (10 * cfg.logging.log_every) == 0)
                 t0, window_steps = time.perf_counter(), 0
             if eval_loader is not None and sched.eval_every and state.step % sched.eval_every == 0:
-                last["eval_loss"] = evaluate(model, eval_loader, dims, cfg, sched.eval_batches)
+                with dims.watch("evaluate"):  # its forwards gather parameters (FSDP, TP) too
+                    last["eval_loss"] = evaluate(model, eval_loader, dims, cfg, sched.eval_batches)
+                    if cfg.eval.every_eval:  # loss by position, passkey, loop counts: <run_dir>/eval/step-N.json
+                        evaluate_in_training(model, dims, cfg, state.step, run_dir)
                 log.log(state.step, {"eval_loss": last["eval_loss"]}, print_line=True)
-                if cfg.eval.every_eval:  # loss by position, passkey, loop counts: <run_dir>/eval/step-N.json
-                    evaluate_in_training(model, dims, cfg, state.step, run_dir)
             ckpt.after_step()
         ckpt.finish()
     finally:  # also on an error or a requested exit: no handler or hook outlives the run
