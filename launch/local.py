@@ -108,11 +108,13 @@ def launch_local(cfg: Config, config: str | None, overrides: list[str]) -> int:
 
 def _kill_frozen_workers(heartbeat_dir: Path, timeout_s: float, stop: threading.Event) -> None:
     """SIGKILL a worker of this launcher whose heartbeat is ``timeout_s`` old (see the docstring)."""
+    killed: set[int] = set()
     while not stop.wait(min(1.0, timeout_s / 20)):
         for rec in silent_ranks(heartbeat_dir, older_than=timeout_s):
             pid = int(rec.get("pid", -1))
-            if pid <= 0 or _parent_of(pid) != os.getpid():  # a worker of an earlier attempt, or not ours
+            if pid in killed or _parent_of(pid) != os.getpid():  # a worker of an earlier attempt, or not ours
                 continue
+            killed.add(pid)
             print(f"[longtrain] launch: rank {rec['rank']} (pid {pid}) sent no heartbeat for "
                   f"{time.time() - rec['beat']:.1f} s (parallel.timeout_s={timeout_s:g}): it is stopped or "
                   f"frozen (last in {rec['op'] or 'code after ' + rec['last_op']} at step {rec['step']}); "

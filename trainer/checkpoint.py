@@ -288,7 +288,8 @@ class Checkpointer:
         self._save_seen, self._exit_seen = saves, exits
         if self.distributed:  # the same decision on every rank (signals arrive at different steps)
             t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=self._collective_device())
-            with self._watch("all_reduce(checkpoint flags)", step=step - 1):  # the step just trained
+            watch = getattr(self.dims, "watch", None) or (lambda op: contextlib.nullcontext())
+            with watch("all_reduce(checkpoint flags)"):  # named at the step the loop just ran
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flags = [bool(x) for x in t.tolist()]
         on_demand, exit_after = flags
@@ -379,11 +380,11 @@ class Checkpointer:
             with self._watch("checkpoint staging"):
                 staging.result()
 
-    def _watch(self, op: str, step: Optional[int] = None):
+    def _watch(self, op: str):
         """``dims.watch``: a rank stuck in a save is named by the hang watchdog like any collective."""
         watch = getattr(self.dims, "watch", None)
-        if getattr(self.dims, "watchdog", None) is not None:  # by default the step whose state is saved
-            self.dims.watchdog.step = self.step if step is None else step
+        if getattr(self.dims, "watchdog", None) is not None:
+            self.dims.watchdog.step = self.step  # the step whose state is being saved
         return watch(op) if watch is not None else contextlib.nullcontext()
 
     def save(self, sync: bool = False) -> None:
