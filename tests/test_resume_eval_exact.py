@@ -1,31 +1,31 @@
-"""A run with periodic evaluation that fails mid-way and resumes from its last checkpoint logs
-bitwise the same eval losses after the resume as a run that was never interrupted, and its final
-checkpoint equals that run's -- model, optimizer, schedule, data position, counters and every RNG
-state -- in one process and with two FSDP ranks (gloo, CPU).
+"""A run with periodic evaluation that is killed mid-way and resumes from its last checkpoint
+logs bitwise the same eval losses after the resume as a run that was never interrupted, and its
+final checkpoint equals that run's -- model, optimizer, schedule, data position, counters and every
+RNG state -- in one process and with two FSDP ranks under ``longtrain launch`` (gloo, CPU).
 
 Every eval reads the same held-out batches (the first ``schedule.eval_batches`` of the eval
 split), so there is no eval position to lose in a resume, and evals at different steps compare.
-The failure is a real injected fault (``LONGTRAIN_FAULT=raise@step:5``) after the step-3 save.
+The kill is a real injected fault (``LONGTRAIN_FAULT=kill@step:5``: SIGKILL mid-forward, after the
+step-3 save); every run is a process of its own, as a relaunched job is.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
-from dist_utils import run_distributed
+from test_launch_common import longtrain_cmd, worker_env
 
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 STEPS, FAIL_AT = 8, 5
 
 
-def overrides(run_dir: str, world: int) -> list[str]:
+def overrides(run_dir: Path, world: int) -> list[str]:
     return ["model.arch=llama", "model.vocab_size=264", "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2",
             "model.ffn_dim=64", "model.n_layers=2", "model.max_seq_len=64", "data.seq_len=32",
             "data.batch_size=2", "data.stdlib_mb=1", f"schedule.steps={STEPS}", "schedule.warmup_steps=2",
@@ -35,33 +35,26 @@ def overrides(run_dir: str, world: int) -> list[str]:
             "parallel.backend=gloo", "parallel.param_dtype=fp32", f"parallel.dp_shard={world}"]
 
 
-def run(run_dir: str, world: int, fault: str) -> None:
-    """One ``train()``; with ``fault`` set it fails as that fault says (an injected RuntimeError)."""
-    from longtrain.config import load_config
-    from longtrain.trainer.train import train
-
-    os.environ.pop("LONGTRAIN_FAULT", None)
-    if fault:
-        os.environ["LONGTRAIN_FAULT"] = fault
-    try:
-        train(load_config(None, overrides(run_dir, world)))
-    except RuntimeError as e:
-        if "injected fault" not in str(e):
-            raise
-    finally:
-        os.environ.pop("LONGTRAIN_FAULT", None)
-
-
 def go(run_dir: Path, world: int, fault: str = "") -> None:
+    """One process (``longtrain.launch.worker``, run again by hand after the kill) or a 2-worker
+    ``longtrain launch`` (which restarts the group after the kill, once)."""
+    env = worker_env()
+    env.pop("LONGTRAIN_FAULT", None)
+    if fault:
+        env["LONGTRAIN_FAULT"] = fault
     if world == 1:
-        run(str(run_dir), 1, fault)
+        cmd = [sys.executable, "-m", "longtrain.launch.worker", *overrides(run_dir, 1)]
     else:
-        run_distributed(run, world, str(run_dir), world, fault)
+        cmd = longtrain_cmd("launch", "launch.backend=local", f"launch.nproc_per_node={world}",
+                            "launch.max_restarts=1", *overrides(run_dir, world))
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    expect_rc = -9 if fault and world == 1 else 0
+    assert r.returncode == expect_rc, (r.returncode, r.stdout[-3000:] + r.stderr[-3000:])
 
 
-def eval_losses(run_dir: Path, start_line: int = 0) -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()[start_line:]
-    return {r["step"]: r["eval_loss"] for r in map(json.loads, lines) if "eval_loss" in r}
+def eval_losses(run_dir: Path) -> list[tuple[int, float]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["eval_loss"]) for r in map(json.loads, lines) if "eval_loss" in r]
 
 
 def checkpoint_contents(path: Path) -> dict:
@@ -99,26 +92,26 @@ def differences(a, b, where: str = "") -> list[str]:
 def check(tmp_path: Path, world: int) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     go(straight, world)
-    expect = eval_losses(straight)
+    expect = dict(eval_losses(straight))
     assert sorted(expect) == [2, 4, 6, 8]
-    go(resumed, world, f"raise@step:{FAIL_AT}:phase=forward")
-    assert (resumed / "checkpoints" / "step-3").is_dir() and not (resumed / "checkpoints" / "step-6").exists()
-    n_lines = len((resumed / "metrics.jsonl").read_text().splitlines())
-    go(resumed, world)
-    again = eval_losses(resumed, n_lines)
-    assert sorted(again) == [4, 6, 8]  # resumed from step-3, not from scratch
-    for s in again:
-        assert again[s] == expect[s], (s, again[s], expect[s])  # bitwise
     # evals at different steps read the same held-out batches: the loss changes with the weights only
     assert len(set(expect.values())) == len(expect)
+    go(resumed, world, f"kill@step:{FAIL_AT}:phase=forward" + (":rank=1" if world > 1 else ""))
+    if world == 1:
+        go(resumed, world)
+    got = eval_losses(resumed)
+    # steps 2 and 4 before the kill, then 4, 6 and 8 again after resuming from step-3 (not from scratch)
+    assert [s for s, _ in got] == [2, 4, 4, 6, 8], got
+    for s, loss in got[2:]:
+        assert loss == expect[s], (s, loss, expect[s])  # bitwise
     diff = differences(checkpoint_contents(straight / "checkpoints" / f"step-{STEPS}"),
                        checkpoint_contents(resumed / "checkpoints" / f"step-{STEPS}"))
     assert not diff, f"the final checkpoints differ in: {diff[:10]}"
 
 
-def test_resumed_run_has_the_same_eval_losses_and_final_checkpoint_single_process(tmp_path):
+def test_killed_and_resumed_run_has_the_same_eval_losses_and_final_checkpoint_one_process(tmp_path):
     check(tmp_path, 1)
 
 
-def test_resumed_run_has_the_same_eval_losses_and_final_checkpoint_two_ranks(tmp_path):
+def test_killed_and_resumed_run_has_the_same_eval_losses_and_final_checkpoint_two_ranks_launch(tmp_path):
     check(tmp_path, 2)
