@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -196,3 +197,56 @@ def test_a_long_operation_with_no_rank_behind_is_not_a_hang_but_a_rank_behind_is
     assert r0.detection["op"] == "all_reduce(dp_sp)" and r0.detection["deadline_s"] == pytest.approx(0.9)
     assert 0.9 <= r0.detection["after_s"] <= 0.9 + 0.05 + DETECT_SLACK_S, r0.detection
     assert r1.detection is None  # rank 1 ended on rank 0's posted verdict
+
+
+class _FreezableStore(_DictStore):
+    """A store whose server can be stopped: calls then wait for ever, as TCPStore's do when the
+    process serving it is stopped (its socket stays open; the client's timeout does not cover it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.running = threading.Event()
+        self.running.set()
+
+    def set(self, k, v):
+        self.running.wait()
+        super().set(k, v)
+
+    def get(self, k):
+        self.running.wait()
+        return super().get(k)
+
+    def check(self, keys):
+        self.running.wait()
+        return super().check(keys)
+
+
+def test_a_frozen_store_neither_blocks_the_watchdog_nor_hides_the_silent_rank(tmp_path):
+    """Rank 0 freezes (its heartbeats stop) and so does the store it serves: rank 1's watchdog
+    still finds the hang on time and names rank 0, from the heartbeat files."""
+    from longtrain.parallel.watchdog import CollectiveWatchdog
+
+    store = _FreezableStore()
+    r0 = CollectiveWatchdog(0, 2, timeout_s=1.0, store=store, interval=0.05, exit_on_hang=False)
+    r1 = CollectiveWatchdog(1, 2, timeout_s=1.0, store=store, interval=0.05, exit_on_hang=False)
+    r0.step = r1.step = 5
+    r0.heartbeat_dir = r1.heartbeat_dir = tmp_path  # what share_heartbeats sets, without its thread
+    frozen_in = r0.watch("forward_backward")
+    frozen_in.__enter__()  # frozen inside its forward, never to leave it (kept referenced till the end)
+    r0._publish()  # its last heartbeat; no thread beats for it after this
+    store.running.clear()  # the store freezes with rank 0
+    r1.start()
+    try:
+        with r1.watch("all_reduce(dp_sp)"):
+            t0 = time.monotonic()
+            while r1.verdict is None and time.monotonic() - t0 < 10:
+                time.sleep(0.05)
+    finally:
+        r1.stop()
+        store.running.set()
+    del frozen_in
+    assert r1.verdict is not None, "rank 1's watchdog blocked on the frozen store"
+    assert re.search(r"rank 0 stuck in forward_backward at step 5 for [0-9.]+ s \(no heartbeat for", r1.verdict), \
+        r1.verdict
+    assert "which rank 0 serves, has not answered" in r1.verdict and "rank 1 stuck" not in r1.verdict, r1.verdict
+    assert 0.9 <= r1.detection["after_s"] <= 0.9 + 0.05 + DETECT_SLACK_S, r1.detection
