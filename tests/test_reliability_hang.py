@@ -234,8 +234,8 @@ def test_a_frozen_store_neither_blocks_the_watchdog_nor_hides_the_silent_rank(tm
     frozen_in = r0.watch("forward_backward")
     frozen_in.__enter__()  # frozen inside its forward, never to leave it (kept referenced till the end)
     r0._publish()  # its last heartbeat; no thread beats for it after this
-    store.running.clear()  # the store freezes with rank 0
     r1.start()
+    store.running.clear()  # the store freezes with rank 0
     try:
         with r1.watch("all_reduce(dp_sp)"):
             t0 = time.monotonic()
