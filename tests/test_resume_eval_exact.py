@@ -1,7 +1,9 @@
 """A run with periodic evaluation that is killed mid-way and resumes from its last checkpoint
 logs bitwise the same eval losses after the resume as a run that was never interrupted, and its
 final checkpoint equals that run's -- model, optimizer, schedule, data position, counters and every
-RNG state -- in one process and with two FSDP ranks under ``longtrain launch`` (gloo, CPU).
+RNG state -- on CPU. ``check(tmp_path, 2)`` runs the same with two FSDP ranks under ``longtrain
+launch`` (which restarts the group itself); it passes too (52 s) and is left out of CI for time
+(tests/test_ckpt_resume.py covers two-rank resume of the training losses).
 
 Every eval reads the same held-out batches (the first ``schedule.eval_batches`` of the eval
 split), so there is no eval position to lose in a resume, and evals at different steps compare.
@@ -112,6 +114,3 @@ def check(tmp_path: Path, world: int) -> None:
 def test_killed_and_resumed_run_has_the_same_eval_losses_and_final_checkpoint_one_process(tmp_path):
     check(tmp_path, 1)
 
-
-def test_killed_and_resumed_run_has_the_same_eval_losses_and_final_checkpoint_two_ranks_launch(tmp_path):
-    check(tmp_path, 2)
