@@ -12,6 +12,13 @@ already does what a launcher must get right and is easy to get wrong by hand:
   agent stops every worker before it returns;
 - failure: one worker exiting non-zero stops the others and, while ``launch.max_restarts``
   allows, restarts the whole group; the workers resume from the newest checkpoint by themselves;
+- a stopped or frozen worker (SIGSTOP, a debugger): its collective watchdog thread stops writing
+  its heartbeat file (``<run_dir>/heartbeat/``, ``parallel.watchdog``), and once the newest is
+  ``parallel.timeout_s`` old the launcher kills it (SIGKILL; SIGTERM waits for a stopped process,
+  and elastic would wait 30 s for it), which is a failure like any other. The others' watchdogs
+  name it first, and they cannot work around it: it serves the job's store when it is rank 0.
+  (Not elastic's own ``FileTimerServer``: after killing a worker it kills its own process too,
+  here the launcher, which must stay to report and restart.)
 - logs: every line of every worker is streamed with a ``[rank N]`` prefix and kept in
   ``<run_dir>/launch/attempt_<k>/<rank>/stdout.log`` (elastic's layout).
 
@@ -21,9 +28,13 @@ slot; OMP_NUM_THREADS is set so the processes share the cores instead of fightin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -35,6 +46,7 @@ from torch.distributed.launcher.api import elastic_launch
 
 from longtrain.config import Config, ConfigError
 from longtrain.launch.env import free_port
+from longtrain.parallel.watchdog import EXIT_CODE_HUNG, silent_ranks
 
 
 def worker_command(config: str | None, overrides: list[str]) -> list[str]:
@@ -69,13 +81,18 @@ def launch_local(cfg: Config, config: str | None, overrides: list[str]) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     print(f"[longtrain] launch: {nproc} local workers, rendezvous 127.0.0.1:{port}, "
           f"max_restarts={lc.max_restarts}, logs under {log_dir}", flush=True)
+    stop_watching = threading.Event()
+    threading.Thread(target=_kill_frozen_workers, args=(cfg.run_dir / "heartbeat", cfg.parallel.timeout_s,
+                                                        stop_watching), daemon=True).start()
     try:
         elastic_launch(ecfg, sys.executable)(*worker_command(config, overrides))
     except ChildFailedError as e:
         rank, first = e.get_first_failure()
-        print(f"[longtrain] launch: worker rank {rank} failed with exit code {first.exitcode} after "
-              f"{lc.max_restarts} restart(s); every worker was stopped. Its log: {_rank_log(log_dir, rank)}",
-              file=sys.stderr, flush=True)
+        why = (f"worker rank {rank}'s collective watchdog ended the job (exit code {EXIT_CODE_HUNG}; its "
+               f"line above names the stuck rank)" if first.exitcode == EXIT_CODE_HUNG else
+               f"worker rank {rank} failed with exit code {first.exitcode}")
+        print(f"[longtrain] launch: {why} after {lc.max_restarts} restart(s); every worker was stopped. "
+              f"Its log: {_rank_log(log_dir, rank)}", file=sys.stderr, flush=True)
         return 1
     except SignalException as e:
         print(f"[longtrain] launch: got {e.sigval.name}; every worker was stopped", file=sys.stderr, flush=True)
@@ -83,8 +100,34 @@ def launch_local(cfg: Config, config: str | None, overrides: list[str]) -> int:
     except KeyboardInterrupt:
         print("[longtrain] launch: interrupted; every worker was stopped", file=sys.stderr, flush=True)
         return 130
+    finally:
+        stop_watching.set()
     print("[longtrain] launch: all workers finished", flush=True)
     return 0
+
+
+def _kill_frozen_workers(heartbeat_dir: Path, timeout_s: float, stop: threading.Event) -> None:
+    """SIGKILL a worker of this launcher whose heartbeat is ``timeout_s`` old (see the docstring)."""
+    killed: set[int] = set()
+    while not stop.wait(min(1.0, timeout_s / 20)):
+        for rec in silent_ranks(heartbeat_dir, older_than=timeout_s):
+            pid = int(rec.get("pid", -1))
+            if pid in killed or _parent_of(pid) != os.getpid():  # a worker of an earlier attempt, or not ours
+                continue
+            killed.add(pid)
+            print(f"[longtrain] launch: rank {rec['rank']} (pid {pid}) sent no heartbeat for "
+                  f"{time.time() - rec['beat']:.1f} s (parallel.timeout_s={timeout_s:g}): it is stopped or "
+                  f"frozen (last in {rec['op'] or 'code after ' + rec['last_op']} at step {rec['step']}); "
+                  f"killing it", file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):  # gone, or no /proc (the check then skips it)
+        return -1
 
 
 def _rank_log(log_dir: Path, rank: int) -> str:

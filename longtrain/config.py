@@ -209,7 +209,7 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.1
     grad_accum: int = 1
     eval_every: int = 100  # 0 = never
-    eval_batches: int = 4
+    eval_batches: int = 4  # a fixed held-out set: the eval split's first eval_batches batches, at every eval
     seed: int = 0
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # autocast; auto = bf16 where supported (GPU)
     device: Literal["auto", "cpu", "cuda"] = "auto"

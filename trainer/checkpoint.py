@@ -289,7 +289,9 @@ class Checkpointer:
         self._save_seen, self._exit_seen = saves, exits
         if self.distributed:  # the same decision on every rank (signals arrive at different steps)
             t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=self._collective_device())
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            watch = getattr(self.dims, "watch", None) or (lambda op: contextlib.nullcontext())
+            with watch("all_reduce(checkpoint flags)"):  # named at the step the loop just ran
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flags = [bool(x) for x in t.tolist()]
         on_demand, exit_after = flags
         if due or on_demand:
@@ -328,6 +330,10 @@ class Checkpointer:
         Everything is restored except the data position: the loader keeps going, so the batches
         that produced the bad step are not replayed (replaying them would fail the same way).
         """
+        with self._watch("checkpoint rollback"):
+            return self._rollback(reason)
+
+    def _rollback(self, reason: str) -> Path:
         self.wait()
         self._barrier()  # rank 0 has committed the in-flight save before anyone lists the directory
         dirs = step_dirs(self.root)

@@ -18,7 +18,8 @@ Phases, and where they fire (mid-way, not between steps):
                        schedule are not yet -- the most inconsistent moment of a step;
 - ``checkpoint-write`` inside DCP's file writer: after this rank wrote its shards and before
                        ``.metadata`` exists (``enospc``: instead of writing them);
-- ``collective``       just before a marked collective (``dims.watch``), e.g. an all-reduce.
+- ``collective``       just before a marked collective (``dims.watch``), e.g. an all-reduce; step N is
+                       the loop's step then (the flag all-reduce after step N is at step N).
 
 Actions: ``kill`` (SIGKILL this process), ``stall`` (sleep for ever), ``raise`` (RuntimeError),
 ``enospc`` (OSError ENOSPC, checkpoint-write only), ``nan`` / ``inf`` (the loss of that step, at
@@ -175,7 +176,9 @@ class FaultInjector:
         if "collective" in phases:
             if dims.watchdog is None:
                 raise ConfigError(f"{ENV}: phase=collective needs more than one process (no collectives here).")
-            dims.watchdog.before_op = lambda op: self.fire("collective", where=f"before {op}")
+            # at the watchdog's step: the flag all-reduce after a step belongs to that step, not the next
+            dims.watchdog.before_op = lambda op: self.fire("collective", step=dims.watchdog.step,
+                                                           where=f"before {op}")
         if "checkpoint-write" in phases:
             self._unpatch = _patch_checkpoint_writer(self)
         return self

@@ -10,9 +10,11 @@ the special case of world size 1.
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from longtrain.config import Config
@@ -66,6 +68,10 @@ def setup(cfg: Config):
     if cfg.memory.policy == "auto":
         cfg = resolve_policy(cfg, dims)
     torch.manual_seed(cfg.schedule.seed)  # same initial weights on every rank
+    # Python's and NumPy's global generators too: unseeded, each process starts them from OS
+    # entropy, so the RNG state a checkpoint holds would differ between two runs of one config
+    random.seed(cfg.schedule.seed)
+    np.random.seed(cfg.schedule.seed)
     with torch.device(dims.device):  # initialise where it runs: an 8B model in seconds on a GPU
         model = build_model(cfg.model)
     model = build_pipeline(model, dims, cfg) if dims.pp > 1 else parallelize(model, dims, cfg)
@@ -81,6 +87,8 @@ def setup(cfg: Config):
 def train(cfg: Config) -> dict:
     cfg, dims, model, optimizer, scheduler, loader, eval_loader = setup(cfg)
     run_dir = start_run(cfg, dims)
+    if dims.watchdog is not None:  # heartbeats that do not depend on rank 0 (which serves the store)
+        dims.watchdog.share_heartbeats(run_dir / "heartbeat")
     state = TrainState()
     ckpt = Checkpointer(cfg, dims, run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                         loader=loader, state=state)
@@ -97,6 +105,9 @@ def train(cfg: Config) -> dict:
         print(f"[longtrain] {dims.describe()}\n[longtrain] {describe_backends(cfg.model.attn_backend, dims.device)}"
               f"\n[longtrain] MFU is measured against {peak / 1e12:.3g} TFLOP/s per rank ({peak_src})", flush=True)
     log = MetricsLogger(run_dir, cfg, dims.is_main, sched.steps, state.step)
+    # every eval reads the same held-out batches (the first schedule.eval_batches of the eval split):
+    # evals at different steps compare, and a resumed run has no eval position to restore
+    eval_set = eval_loader.state_dict() if eval_loader is not None else None
     last = {}
     # a throughput window: the steps since the last log line and the time they took. A window may
     # be shorter than logging.log_every (the last of a run, the first after resuming between two
@@ -144,10 +155,12 @@ def train(cfg: Config) -> dict:
                 log.log(state.step, last, print_line=state.step % (10 * cfg.logging.log_every) == 0)
                 t0, window_steps = time.perf_counter(), 0
             if eval_loader is not None and sched.eval_every and state.step % sched.eval_every == 0:
-                last["eval_loss"] = evaluate(model, eval_loader, dims, cfg, sched.eval_batches)
+                eval_loader.load_state_dict(eval_set)
+                with dims.watch("evaluate"):  # its forwards gather parameters (FSDP, TP) too
+                    last["eval_loss"] = evaluate(model, eval_loader, dims, cfg, sched.eval_batches)
+                    if cfg.eval.every_eval:  # loss by position, passkey, loop counts: <run_dir>/eval/step-N.json
+                        evaluate_in_training(model, dims, cfg, state.step, run_dir)
                 log.log(state.step, {"eval_loss": last["eval_loss"]}, print_line=True)
-                if cfg.eval.every_eval:  # loss by position, passkey, loop counts: <run_dir>/eval/step-N.json
-                    evaluate_in_training(model, dims, cfg, state.step, run_dir)
             ckpt.after_step()
         ckpt.finish()
     finally:  # also on an error or a requested exit: no handler or hook outlives the run
