@@ -20,6 +20,7 @@ from __future__ import annotations
 import bz2
 import contextlib
 import gzip
+import io
 import json
 import logging
 import lzma
@@ -156,7 +157,8 @@ def open_bytes(path: Path):
         except ImportError:
             raise DataError(f"{path} is zstd-compressed, which needs the zstandard package: pip install "
                             f"zstandard (or decompress it first: zstd -d {path.name}).") from None
-        return zstandard.open(path, "rb")
+        # its reader has no readline: buffering adds line iteration, like gzip's and bz2's readers
+        return io.BufferedReader(zstandard.open(path, "rb"))
     return {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(suffix, open)(path, "rb")
 
 
