@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from longtrain.errors import UserError, report_user_error
+
 from .prepare import prepare, read_manifest
 from .shards import ShardDocuments
 from .validate import DataError
@@ -92,9 +94,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return report_user_error(e)
 
 
 if __name__ == "__main__":

@@ -198,7 +198,9 @@ def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, *, tokenizer: str
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not progress, file=sys.stderr)
     args = (str(out), tokenizer, row_group_tokens, on_bad_document, on_empty_document, min_length)
     t0, written, stopped = time.time(), 0, False
-    stream = _shard_texts(iter_texts(files, fmt, text_field, text_column), int(shard_mb * (1 << 20)))
+    unreadable = BadDocuments(on_bad_document, fix="pass --on-bad-document skip")  # not UTF-8 text
+    stream = _shard_texts(iter_texts(files, fmt, text_field, text_column, bad=unreadable),
+                          int(shard_mb * (1 << 20)))
     if workers <= 1:
         for index, texts in enumerate(stream):
             if index in done:
@@ -232,9 +234,14 @@ def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, *, tokenizer: str
     shards = manifest["shards"]
     manifest["num_docs"] = sum(e["docs"] for e in shards)
     manifest["num_tokens"] = sum(e["tokens"] for e in shards)
-    manifest["skipped"] = {k: sum(e["skipped"].get(k, 0) for e in shards)
-                           for k in sorted({k for e in shards for k in e["skipped"]})}
+    counts = [e["skipped"] for e in shards] + [unreadable.skipped]
+    manifest["skipped"] = {k: sum(c.get(k, 0) for c in counts) for k in sorted({k for c in counts for k in c})}
     manifest["complete"] = not stopped
+    if not stopped and manifest["num_docs"] == 0:
+        skipped = ", ".join(f"{v} {k}" for k, v in manifest["skipped"].items()) or "none"
+        raise DataError(f"{len(files)} input file(s) ({', '.join(str(p) for p in files[:3])}"
+                        f"{', ...' if len(files) > 3 else ''}) hold no documents to train on (skipped: {skipped}); "
+                        f"check the inputs, --format and --text-field / --text-column, and --min-length.")
     write_manifest(out, manifest)
     manifest["_seconds"] = time.time() - t0
     manifest["_written"] = written

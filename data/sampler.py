@@ -120,9 +120,12 @@ class GlobalSampleOrder:
                 return
             total = self._cum[-1]
             if total == 0:
+                why = (f"data.split_long=drop drops every document longer than a sequence, and all of them "
+                       f"are. Use data.split_long=split (or truncate), or a longer data.seq_len"
+                       if self.split_long == "drop" else
+                       "every document is shorter than 2 tokens, which carry no prediction. Use longer documents")
                 raise DataError(f"the {self.split} split packs into 0 sequences of data.seq_len={self.seq_len}: "
-                                f"every document was dropped (data.split_long={self.split_long}). Use "
-                                f"data.split_long=split or a shorter data.seq_len.")
+                                f"{why}.")
             self._goto_epoch(self.epoch + 1, self.epoch_start + total)
 
     def sample(self, g: int) -> tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:

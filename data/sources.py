@@ -4,7 +4,10 @@ Owns:
 - text streams for ``prepare``: plain text files (one file = one document), JSONL (one line = one
   document, ``text_field``), Parquet (one row = one document, ``text_column``) and the embedded
   default -- the Python standard library's own ``.py`` files, sorted, so every machine with the same
-  Python gets the same corpus without a download;
+  Python gets the same corpus without a download. Text and JSONL may be compressed (``.gz``,
+  ``.bz2``, ``.xz`` through Python's own modules; ``.zst`` through the ``zstandard`` package when
+  it is installed); they must be UTF-8: a document with a byte that is not, or a NUL byte (a
+  binary file), is named with its file and line and goes through the ``on_bad_document`` policy;
 - ``Documents``: the small interface every reader implements (``lengths``, ``get(i)``,
   ``where(i)``), and its in-memory and synthetic implementations.
 
@@ -14,8 +17,13 @@ sequence is built. So a reader only has to say how long each document is and fet
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import gzip
+import io
 import json
 import logging
+import lzma
 import os
 import sysconfig
 from pathlib import Path
@@ -126,13 +134,49 @@ def stdlib_files(max_bytes: Optional[int] = None) -> list[Path]:
     return out
 
 
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
+
+
 def detect_format(path: Path) -> str:
-    suf = "".join(path.suffixes[-2:]).lower() if path.suffix == ".gz" else path.suffix.lower()
+    """By the name's suffix, under a compression suffix: ``x.jsonl.gz`` is jsonl."""
+    stem = path.with_suffix("") if path.suffix.lower() in COMPRESSED_SUFFIXES else path
+    suf = stem.suffix.lower()
     if suf in (".jsonl", ".ndjson", ".json"):
         return "jsonl"
     if suf in (".parquet", ".pq"):
         return "parquet"
     return "text"
+
+
+def open_bytes(path: Path):
+    """The file opened for reading bytes, decompressed as its suffix says."""
+    suffix = path.suffix.lower()
+    if suffix == ".zst":
+        try:  # optional: zstd is not in Python's standard library
+            import zstandard
+        except ImportError:
+            raise DataError(f"{path} is zstd-compressed, which needs the zstandard package: pip install "
+                            f"zstandard (or decompress it first: zstd -d {path.name}).") from None
+        # its reader has no readline: buffering adds line iteration, like gzip's and bz2's readers
+        return io.BufferedReader(zstandard.open(path, "rb"))
+    return {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(suffix, open)(path, "rb")
+
+
+def _decoded(raw: bytes, where: str, first_line: int, bad: BadDocuments) -> Optional[str]:
+    """``raw`` as UTF-8 text, or None after reporting a binary or non-UTF-8 document to ``bad``."""
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        line = first_line + raw.count(b"\n", 0, nul)
+        bad.bad("binary", f"{where}:{line}: a NUL byte, so this is not text (a binary or differently "
+                          f"compressed file?); give text, JSONL or Parquet inputs.")
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw.count(b"\n", 0, e.start)
+        bad.bad("encoding", f"{where}:{line}: byte 0x{raw[e.start]:02x} is not UTF-8; convert the file to UTF-8 "
+                            f"(e.g. iconv -f latin1 -t utf-8).")
+        return None
 
 
 def expand_inputs(inputs: Sequence[str], max_stdlib_bytes: Optional[int] = None) -> list[Path]:
@@ -155,22 +199,29 @@ def expand_inputs(inputs: Sequence[str], max_stdlib_bytes: Optional[int] = None)
 
 
 def iter_texts(files: Sequence[Path], fmt: str = "auto", text_field: str = "text",
-               text_column: str = "text", parquet_batch_rows: int = 1024) -> Iterator[tuple[str, str]]:
+               text_column: str = "text", parquet_batch_rows: int = 1024,
+               bad: Optional[BadDocuments] = None) -> Iterator[tuple[str, str]]:
     """Yield ``(where, text)`` per document, streaming: memory holds one line / one row batch.
 
     ``where`` names the file and line/row for error messages. A missing JSONL field or Parquet
-    column raises a ``DataError`` naming the file, row and the fields that do exist.
+    column raises a ``DataError`` naming the file, row and the fields that do exist. A document
+    that is not UTF-8 text goes to ``bad`` (default: an error).
     """
+    bad = bad if bad is not None else BadDocuments("error", fix="pass --on-bad-document skip")
     for path in files:
         kind = detect_format(path) if fmt == "auto" else fmt
         if kind == "text":
-            yield str(path), path.read_text(encoding="utf-8", errors="replace")
+            with _reading(path) as f:
+                text = _decoded(f.read(), str(path), 1, bad)
+            if text is not None:
+                yield str(path), text
         elif kind == "jsonl":
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
+            with _reading(path) as f:
+                for lineno, raw in enumerate(f, 1):
                     where = f"{path}:{lineno}"
+                    line = _decoded(raw, str(path), lineno, bad)
+                    if line is None or not line.strip():
+                        continue
                     try:
                         obj = json.loads(line)
                     except json.JSONDecodeError as e:
@@ -186,6 +237,9 @@ def iter_texts(files: Sequence[Path], fmt: str = "auto", text_field: str = "text
                                         f"string; pass --text-field naming a text field.")
                     yield where, text
         elif kind == "parquet":
+            if path.suffix.lower() in COMPRESSED_SUFFIXES:
+                raise DataError(f"{path}: a compressed Parquet file; Parquet compresses its own columns, so "
+                                f"decompress it ({path.with_suffix('').name}) and give that.")
             try:
                 pf = pq.ParquetFile(path)
             except Exception as e:
@@ -201,6 +255,23 @@ def iter_texts(files: Sequence[Path], fmt: str = "auto", text_field: str = "text
                     row += 1
         else:
             raise DataError(f"unknown input format {kind!r}; choose auto, text, jsonl or parquet.")
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """``open_bytes(path)``; a damaged compressed stream becomes a DataError naming the file."""
+    try:
+        with open_bytes(path) as f:
+            yield f
+    except (EOFError, OSError, lzma.LZMAError) as e:  # gzip.BadGzipFile is an OSError
+        if path.suffix.lower() not in COMPRESSED_SUFFIXES:
+            raise
+        raise DataError(f"{path}: cannot be decompressed as {path.suffix} ({type(e).__name__}: {e}); the file is "
+                        f"damaged or not compressed as its name says.") from None
+    except Exception as e:  # zstandard.ZstdError: not an OSError
+        if path.suffix.lower() != ".zst" or type(e).__module__.split(".")[0] != "zstandard":
+            raise
+        raise DataError(f"{path}: cannot be decompressed as .zst ({e}); the file is damaged.") from None
 
 
 def tokenize_texts(tok: Tokenizer, texts: Sequence[tuple[str, str]], bad: BadDocuments,
@@ -229,8 +300,9 @@ def stdlib_documents(tok: Tokenizer, max_bytes: int = 4 << 20) -> MemoryDocument
     key = (tok.fingerprint(), max_bytes)
     if key not in _STDLIB_CACHE:
         files = stdlib_files(max_bytes)
-        texts = list(iter_texts(files, "text"))
-        docs, names = tokenize_texts(tok, texts, BadDocuments("skip", max_logged=0))
+        skip = BadDocuments("skip", max_logged=0)
+        texts = list(iter_texts(files, "text", bad=skip))
+        docs, names = tokenize_texts(tok, texts, skip)
         _STDLIB_CACHE[key] = MemoryDocuments(docs, names, name="stdlib")
         log.info("stdlib corpus: %d files, %d tokens", len(docs), _STDLIB_CACHE[key].n_tokens)
     return _STDLIB_CACHE[key]

@@ -28,8 +28,10 @@ log = logging.getLogger("longtrain.data")
 class DataError(ConfigError):
     """A user-facing problem with the training data; the message says what to change.
 
-    A ``ConfigError`` (hence a ``ValueError``), so the main CLI and the trainer report it as the
-    user-facing message it is, not as a traceback."""
+    A ``ConfigError`` (hence a ``ValueError`` and a ``UserError``), so the main CLI and the worker
+    report it as the user-facing message it is, labelled a data error, not as a traceback."""
+
+    kind = "data"
 
 
 class BadDocuments:

@@ -27,8 +27,7 @@ def _launch(ns: argparse.Namespace) -> int:
     if backend == "local":
         return launch_local(cfg, config, overrides)
     if backend == "ray":
-        result = launch_ray(cfg, config, overrides)
-        return 0 if result is not None else 1
+        return launch_ray(cfg, config, overrides)
     return launch_slurm(cfg, config, overrides, dry_run=ns.dry_run, wait=ns.wait)
 
 

@@ -2,7 +2,10 @@
 
 Owns: ``launch_ray(cfg, config, overrides)``, the driver. The idea:
 
-1. Connect to ``launch.ray.address`` (``auto``, ``ray://head:10001``) or start a local cluster.
+1. Make the config path and the run's paths absolute (``driver_paths``: Ray workers run where
+   ``ray start`` ran), then connect to ``launch.ray.address`` (``auto``, ``HOST:6379``,
+   ``ray://head:10001``; an address where nothing answers is an error within seconds) or start a
+   local cluster.
 2. Reserve one bundle per worker -- ``{CPU: cpus_per_worker, GPU: gpus_per_worker}`` -- in a
    placement group (``launch.ray.strategy``: PACK fills few nodes, SPREAD uses many), so a job
    either gets all of its workers or waits; it never half-starts.
@@ -13,7 +16,10 @@ Owns: ``launch_ray(cfg, config, overrides)``, the driver. The idea:
 4. Wait with ``ray.wait``: the first actor that dies or raises ends the attempt (the others would
    otherwise sit in a collective until its timeout). Every actor of the attempt is then killed
    and, while ``launch.max_restarts`` allows, a fresh group starts; the workers resume from the
-   newest checkpoint by themselves. Fresh processes mean no stale process group survives.
+   newest checkpoint by themselves. Fresh processes mean no stale process group survives. A
+   worker stopped by a ``UserError`` (a bad setting, file or checkpoint) ends the job at once
+   with its own one-line message: no restart can fix it. For any other exception the driver
+   prints the worker's exception, not Ray's wrapper.
 5. Each actor returns the training function's result dict; the driver prints rank 0's and
    returns it.
 
@@ -29,13 +35,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from longtrain.config import Config, ConfigError
+from longtrain.config import Config, ConfigError, resolve_config_path
+from longtrain.errors import EXIT_CODE_USER_ERROR, UserError, user_error_line
 from longtrain.launch.env import free_port
 from longtrain.launch.worker import run_worker
 
@@ -64,6 +73,8 @@ class TrainWorker:
             return {"ok": True, "result": run_worker(config, overrides)}
         except SystemExit as e:  # a checkpoint-and-stop request (exit code 85) or sys.exit in the entry
             return {"ok": False, "exit_code": e.code}
+        except UserError as e:  # a bad setting, file or checkpoint: the driver shows this line, no restart
+            return {"ok": False, "exit_code": EXIT_CODE_USER_ERROR, "error": user_error_line(e)}
 
 
 def _actor_class():
@@ -75,6 +86,26 @@ def _actor_class():
     return _ACTOR_CLASS
 
 
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A ConfigError within ``timeout_s`` when nothing listens at ``launch.ray.address``.
+
+    ray.init retries an address where nothing answers for minutes; one TCP connection tells the
+    user at once. ("auto" is Ray's own lookup of a cluster on this machine, which fails fast.)
+    """
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"launch.ray.address={address!r} must be auto, HOST:PORT (the head's GCS, port 6379 "
+                          f"by default) or ray://HOST:PORT (Ray Client, 10001).")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"launch.ray.address={address}: nothing answers at {host}:{port} within {timeout_s:.0f}s "
+                          f"({e.strerror or type(e).__name__}); start the cluster there (`ray start --head`), fix "
+                          f"the address, or leave launch.ray.address empty for a local cluster.") from None
+
+
 def _connect(cfg: Config) -> bool:
     """ray.init as configured; True when this process started the cluster (and should stop it)."""
     import ray
@@ -84,8 +115,13 @@ def _connect(cfg: Config) -> bool:
         return False
     env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
     if rc.address:
+        _check_reachable(rc.address)
         # a remote cluster's workers need this checkout on their path too (or longtrain installed)
-        ray.init(address=rc.address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+        try:
+            ray.init(address=rc.address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+        except ConnectionError as e:
+            raise ConfigError(f"launch.ray.address={rc.address}: {str(e).splitlines()[0]} Start a cluster "
+                              f"(`ray start --head`) or leave launch.ray.address empty for a local one.") from None
         return False
     ray.init(num_cpus=rc.num_cpus or None, include_dashboard=False, log_to_driver=True)
     return True
@@ -136,8 +172,11 @@ def _worker_envs(infos: list[dict], attempt: int, cfg: Config) -> list[dict]:
     return envs
 
 
-def _run_attempt(cfg: Config, pg, n: int, attempt: int, config, overrides, loopback: bool) -> tuple[bool, Any]:
-    """Start n actors, run them to the end or the first failure, kill them. (ok, results or error)."""
+def _run_attempt(cfg: Config, pg, n: int, attempt: int, config, overrides, loopback: bool) -> tuple[str, Any]:
+    """Start n actors, run them to the end or the first failure, kill them.
+
+    ("ok", the ranks' results), ("failed", why) or ("user_error", the worker's line): a restart
+    cannot fix the last."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -165,39 +204,81 @@ def _run_attempt(cfg: Config, pg, n: int, attempt: int, config, overrides, loopb
             try:
                 out = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-                return False, f"rank {rank_of[ref]} failed: {type(e).__name__}: {str(e).splitlines()[0]}"
+                return "failed", f"rank {rank_of[ref]} failed: {_worker_error(e)}"
             if not out.get("ok"):
-                return False, f"rank {rank_of[ref]} exited with code {out.get('exit_code')}"
+                if out.get("exit_code") == EXIT_CODE_USER_ERROR:
+                    return "user_error", f"rank {rank_of[ref]}: {out['error']}"
+                return "failed", f"rank {rank_of[ref]} exited with code {out.get('exit_code')}"
             results[rank_of[ref]] = out["result"]
-        return True, [results[r] for r in range(n)]
+        return "ok", [results[r] for r in range(n)]
     finally:
         for a in actors:  # the whole group goes, healthy ranks too: they cannot continue without the others
             ray.kill(a, no_restart=True)
 
 
-def launch_ray(cfg: Config, config: Optional[str], overrides: list[str]) -> Optional[dict]:
-    """Run the job on Ray; rank 0's result dict, or None when it failed after every restart."""
+def _worker_error(e: Exception) -> str:
+    """The worker's own exception (``TypeError: ...``) rather than Ray's wrapper around it."""
+    cause = getattr(e, "cause", None)  # RayTaskError: the exception the actor raised
+    if isinstance(cause, BaseException):
+        text = str(cause).strip().splitlines()
+        return f"{type(cause).__name__}: {text[0] if text else ''}"
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def driver_paths(cfg: Config, config: Optional[str], overrides: list[str]) -> tuple[Optional[str], list[str]]:
+    """The config path and the run's paths made absolute here, on the driver.
+
+    Ray workers run in the directory where ``ray start`` ran, not where ``longtrain launch`` did,
+    so a relative ``my.yaml``, run directory or data path would name something else there (or
+    nothing). The overrides appended last win over the ones given.
+    """
+    def absolute(p: str) -> str:
+        return str(Path(p).expanduser().resolve())
+
+    fixed = [f"logging.run_dir={str(cfg.run_dir.resolve()).replace('{', '{{').replace('}', '}}')}"]
+    if cfg.data.path:
+        fixed.append(f"data.path={absolute(cfg.data.path)}")
+    if cfg.data.tokenizer != "byte" and Path(cfg.data.tokenizer).exists():
+        fixed.append(f"data.tokenizer={absolute(cfg.data.tokenizer)}")
+    for key in ("dir", "init_from_hf"):
+        if getattr(cfg.checkpoint, key):
+            fixed.append(f"checkpoint.{key}={absolute(getattr(cfg.checkpoint, key))}")
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        fixed.append(f"checkpoint.resume={absolute(cfg.checkpoint.resume)}")
+    config = str(resolve_config_path(config).resolve()) if config is not None else None
+    return config, [*overrides, *fixed]
+
+
+def launch_ray(cfg: Config, config: Optional[str], overrides: list[str]) -> int:
+    """Run the job on Ray; the exit code: 0 done (rank 0's result printed), EXIT_CODE_USER_ERROR
+    when a worker stopped on an error a restart cannot fix, 1 when it failed after every restart."""
     import ray
     from ray.util.placement_group import remove_placement_group
 
     lc = cfg.launch
     n = lc.nodes * lc.nproc_per_node
+    config, overrides = driver_paths(cfg, config, overrides)
     started = _connect(cfg)
     try:
         pg = _reserve(cfg, n)
         try:
             for attempt in range(lc.max_restarts + 1):
                 t0 = time.monotonic()
-                ok, out = _run_attempt(cfg, pg, n, attempt, config, overrides, loopback=started)
-                if ok:
+                status, out = _run_attempt(cfg, pg, n, attempt, config, overrides, loopback=started)
+                if status == "ok":
                     print("[longtrain] ray: done; rank 0 result: " + json.dumps(out[0], default=str), flush=True)
-                    return out[0]
+                    return 0
+                if status == "user_error":
+                    print(f"[longtrain] ray: {out} (not restarted: a restart cannot fix it)", file=sys.stderr,
+                          flush=True)
+                    return EXIT_CODE_USER_ERROR
                 more = attempt < lc.max_restarts
                 print(f"[longtrain] ray: attempt {attempt} ended after {time.monotonic() - t0:.0f}s: {out}; "
                       + (f"restarting the group from the newest checkpoint ({attempt + 1} of {lc.max_restarts})"
                          if more else f"giving up after {lc.max_restarts} restart(s)"),
                       file=sys.stderr, flush=True)
-            return None
+            return 1
         finally:
             remove_placement_group(pg)
     finally:

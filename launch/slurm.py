@@ -36,8 +36,19 @@ import time
 from pathlib import Path
 
 from longtrain.config import Config, ConfigError
+from longtrain.errors import EXIT_CODE_USER_ERROR
 from longtrain.launch.local import worker_command
+from longtrain.trainer.run import make_run_dir
 from longtrain.trainer.signals import EXIT_CODE_CHECKPOINTED
+
+
+def _dq(path) -> str:
+    """A path for an #SBATCH line: sbatch reads a double-quoted argument as one (shell quoting does not apply)."""
+    text = str(path)
+    if '"' in text:
+        raise ConfigError(f"the path {text!r} holds a double quote, which an #SBATCH line cannot carry; "
+                          f"rename it or set logging.run_dir / launch.slurm.output elsewhere.")
+    return f'"{text}"'
 
 
 def _sbatch_lines(cfg: Config) -> list[str]:
@@ -45,10 +56,11 @@ def _sbatch_lines(cfg: Config) -> list[str]:
     if not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", sc.time):
         raise ConfigError(f"launch.slurm.time={sc.time!r} is not a Slurm time; use HH:MM:SS, MM or D-HH:MM:SS.")
     run_dir = cfg.run_dir.resolve()
+    # paths in double quotes (sbatch strips them): a run directory may hold a space
     lines = [f"--job-name={sc.job_name}", f"--nodes={lc.nodes}", f"--ntasks-per-node={lc.nproc_per_node}",
              f"--cpus-per-task={sc.cpus_per_task}", f"--time={sc.time}",
-             f"--output={sc.output or run_dir / 'slurm-%j.out'}", "--open-mode=append",  # requeues append
-             f"--chdir={Path.cwd()}"]
+             f"--output={_dq(sc.output or run_dir / 'slurm-%j.out')}", "--open-mode=append",  # requeues append
+             f"--chdir={_dq(Path.cwd())}"]
     if sc.gpus_per_node:
         lines.append(f"--gpus-per-node={sc.gpus_per_node}")
     for flag, value in (("partition", sc.partition), ("account", sc.account), ("qos", sc.qos), ("mem", sc.mem)):
@@ -78,8 +90,9 @@ def sbatch_script(cfg: Config, config: str | None, overrides: list[str]) -> str:
     setup = "\n".join(str(s) for s in sc.setup)
     sbatch = "\n".join(f"#SBATCH {line}" for line in _sbatch_lines(cfg))
     requeue = "1" if sc.requeue else "0"
+    launch_dir = cfg.run_dir.resolve() / "launch"
     return f"""#!/bin/bash
-# Written by `longtrain launch` (launch.backend=slurm). Resubmit with: sbatch {cfg.run_dir.resolve() / 'launch' / 'sbatch.sh'}
+# Written by `longtrain launch` (launch.backend=slurm). Resubmit with: sbatch {shlex.quote(str(launch_dir / 'sbatch.sh'))}
 {sbatch}
 set -u
 {chr(10).join(env_lines)}
@@ -88,6 +101,10 @@ export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-${{SLURM_CPUS_PER_TASK:-1}}}}
 MAX_RESTARTS={lc.max_restarts}
 REQUEUE={requeue}
+# planned exits the workers note here (longtrain.launch.worker): exit-85 (checkpointed on request;
+# the worker exits 0, so srun --kill-on-bad-exit does not kill ranks still finishing) and exit-2
+# (a bad setting, file or checkpoint: restarting cannot fix it)
+NOTES={shlex.quote(str(launch_dir))}/exit-notes-"$SLURM_JOB_ID"
 echo "[longtrain] job $SLURM_JOB_ID on $SLURM_JOB_NODELIST (restart ${{SLURM_RESTART_COUNT:-0}}), master $MASTER_ADDR, $(date -Is)"
 
 # USR1 (--signal=B:USR1@N near the time limit, preemption, or `scancel --signal=USR1 --batch`):
@@ -103,13 +120,19 @@ trap on_usr1 USR1
 
 attempt=0
 while :; do
-  LONGTRAIN_ATTEMPT=$attempt srun --label --kill-on-bad-exit=1 --ntasks-per-node={lc.nproc_per_node} {cmd} &
+  rm -rf "$NOTES" && mkdir -p "$NOTES"
+  LONGTRAIN_EXIT_NOTES="$NOTES" LONGTRAIN_ATTEMPT=$attempt srun --label --kill-on-bad-exit=1 --ntasks-per-node={lc.nproc_per_node} {cmd} &
   srun_pid=$!
   while :; do  # `wait` returns early when a trapped signal arrives; wait again until srun is gone
     wait "$srun_pid"; rc=$?
     kill -0 "$srun_pid" 2>/dev/null || break
   done
   srun_pid=
+  if [ -e "$NOTES/exit-{EXIT_CODE_USER_ERROR}" ]; then
+    echo "[longtrain] job $SLURM_JOB_ID: a worker stopped on an error no restart can fix (its line is above); not restarting" >&2
+    exit {EXIT_CODE_USER_ERROR}
+  fi
+  if [ "$rc" = 0 ] && [ -e "$NOTES/exit-{EXIT_CODE_CHECKPOINTED}" ]; then rc={EXIT_CODE_CHECKPOINTED}; fi
   if [ "$preempted" = 1 ] || [ "$rc" = {EXIT_CODE_CHECKPOINTED} ]; then
     if [ "$REQUEUE" = 1 ]; then
       echo "[longtrain] job $SLURM_JOB_ID: workers stopped (exit $rc); requeueing, the next run resumes from the checkpoint"
@@ -167,7 +190,7 @@ def launch_slurm(cfg: Config, config: str | None, overrides: list[str], dry_run:
               "bash launch/slurm_setup.sh).", file=sys.stderr)
         return 1
     path = cfg.run_dir.resolve() / "launch" / "sbatch.sh"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_run_dir(path.parent)
     path.write_text(script)
     r = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
     if r.returncode != 0:

@@ -13,7 +13,14 @@ restarted job from scratch would silently throw its progress away.
 
 Preemption: the Checkpointer (installed by ``train``) turns SIGUSR1 or SIGTERM into "save at the
 next step all ranks agree on, then exit with code 85"; the launcher (the Slurm batch script)
-then requeues the job. The exit code passes through this entry point unchanged.
+then requeues the job. The exit code passes through this entry point unchanged -- except where
+the launcher sets LONGTRAIN_EXIT_NOTES: there the worker notes a planned exit (85, or the user
+error code 2) as a file ``exit-<code>`` in that directory and exits 0 for 85, because the Slurm
+script's ``srun --kill-on-bad-exit`` would take a planned 85 of one rank for a failure and kill
+the ranks still finishing; the script reads the notes instead.
+
+User errors (``longtrain.errors``: a bad setting, file or checkpoint) end the worker with one
+line on stderr and ``EXIT_CODE_USER_ERROR``, which no launcher restarts.
 """
 
 from __future__ import annotations
@@ -22,11 +29,14 @@ import importlib
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 from longtrain.cli_common import split_config_args
 from longtrain.config import Config, ConfigError, load_config
+from longtrain.errors import EXIT_CODE_USER_ERROR, UserError, report_user_error
 from longtrain.launch.env import WorkerEnv, normalize_env
+from longtrain.trainer.signals import EXIT_CODE_CHECKPOINTED
 
 RESULT_PREFIX = "[longtrain] result: "
 
@@ -71,11 +81,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(__doc__)
         return 0
     config, overrides = split_config_args(argv)
+    notes = os.environ.get("LONGTRAIN_EXIT_NOTES")
     try:
         result = run_worker(config, overrides)
-    except ConfigError as e:
-        print(f"longtrain: config error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:  # exit code 2: the launchers do not restart what cannot succeed
+        if notes:
+            Path(notes, f"exit-{EXIT_CODE_USER_ERROR}").touch()
+        return report_user_error(e)
+    except SystemExit as e:
+        if notes and e.code == EXIT_CODE_CHECKPOINTED:
+            Path(notes, f"exit-{EXIT_CODE_CHECKPOINTED}").touch()
+            return 0
+        raise
     if os.environ.get("RANK", "0") == "0":
         print(RESULT_PREFIX + json.dumps(result, default=str), flush=True)
     return 0

@@ -13,8 +13,9 @@ import argparse
 import sys
 
 from longtrain.cli_common import add_config_args, split_config_args
-from longtrain.config import ConfigError, load_config
+from longtrain.config import load_config
 from longtrain.data import cli as data_cli
+from longtrain.errors import UserError, report_user_error
 from longtrain.launch import cli as launch_cli
 from longtrain.memory import cli as memory_cli
 from longtrain.trainer import ckpt_cli, eval_cli
@@ -58,9 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(ns.func(ns) or 0)
-    except ConfigError as e:
-        print(f"longtrain: config error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:  # a setting, a file, a checkpoint: one line, exit code 2
+        return report_user_error(e)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,13 @@ from typing import Any, Literal, Optional
 import yaml
 
 import longtrain.configs as _packaged_configs_pkg  # the shipped YAMLs (package data of an installed wheel)
+from longtrain.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user-facing configuration problem; the message says what to change."""
+
+    kind = "config"
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,6 +424,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"eval.every_eval=true needs schedule.eval_every > 0 and parallel.pp=1 (got "
                           f"{cfg.schedule.eval_every} and {cfg.parallel.pp}); evaluate a pipeline run's checkpoints "
                           f"with `longtrain eval RUN_DIR parallel.pp=1` instead.")
+    if cfg.launch.master_port > 65535:
+        raise ConfigError(f"launch.master_port={cfg.launch.master_port} is not a TCP port; use one in 1-65535, "
+                          f"or 0 for a free one.")
     if cfg.data.source in ("shards", "megatron") and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path; point it at the prepared "
                           f"dataset (see `longtrain data prepare`).")
@@ -454,7 +460,10 @@ def resolve_config_path(name: str) -> Path:
 
 
 def _suggest(word: str, options: list[str]) -> str:
-    near = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    # a key that starts like a valid one is the likelier intent (launch.nprocs -> nproc_per_node, not
+    # the letter-wise closer nodes); otherwise the closest spelling
+    near = [o for o in options if len(word) >= 4 and o[:4] == word[:4] and o != word]
+    near = near[:1] or difflib.get_close_matches(word, options, n=1, cutoff=0.5)
     return f" Did you mean {near[0]!r}?" if near else ""
 
 

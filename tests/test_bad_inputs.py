@@ -58,7 +58,6 @@ def empty_dataset(tmp_path):
 
     (tmp_path / "in.jsonl").write_text('{"text": ""}\n{"text": "   "}\n')
     prepare([str(tmp_path / "in.jsonl")], tmp_path / "shards", on_bad_document="skip", progress=False)
-    loader(["data.source=shards", f"data.path={tmp_path / 'shards'}", "data.eval_fraction=0"])
 
 
 def shards_from_another_tokenizer(tmp_path):
@@ -188,8 +187,8 @@ ROWS = [
      r"data.tokenizer='byte' has \d+ tokens but model.vocab_size=100", r"Raise model.vocab_size to at least \d+"),
     ("missing-shard", missing_shard, r"shard-\d+\.parquet is listed in .*manifest.json but missing",
      r"re-run `longtrain data prepare` with the same arguments"),
-    ("empty-dataset", empty_dataset, r"holds no usable documents \(0 documents, 0 tokens\)",
-     r"Point data.path at a prepared dataset with documents"),
+    ("empty-dataset", empty_dataset, r"in.jsonl\) hold no documents to train on \(skipped: 2 empty\)",
+     r"check the inputs, --format and --text-field"),
     ("shards-from-another-tokenizer", shards_from_another_tokenizer,
      r"does not match the tokenizer the shards .* were prepared with", r"Set data.tokenizer='byte', or re-prepare"),
     ("checkpoint-from-another-model", checkpoint_from_another_model,
@@ -228,3 +227,78 @@ def test_bad_input_error_names_the_problem_and_the_fix(tmp_path, trigger, proble
     msg = str(e.value)
     assert re.search(problem, msg, re.S), f"problem not named:\n{msg}"
     assert re.search(fix, msg, re.S), f"no fix given:\n{msg}"
+
+
+# ------------------------------------------------------------------ through the command line: one line, exit code 2
+# The rows above check the message; these run `longtrain ...` (its main(), in this process) and check
+# what the user sees: exactly one line on stderr, labelled with its kind, no traceback, exit code 2 --
+# the code every launcher reads as "do not restart".
+
+
+@pytest.fixture(scope="module")
+def one_checkpoint(tmp_path_factory):
+    """A run of the tiny model with committed checkpoints at steps 1 and 2."""
+    from longtrain.trainer.train import train
+
+    run = tmp_path_factory.mktemp("ckpt-run")
+    train(cfg("schedule.steps=2", "schedule.warmup_steps=0", "checkpoint.every_steps=1", f"logging.run_dir={run}"))
+    return run / "checkpoints"
+
+
+def _damaged_copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    for step in dst.glob("step-*"):
+        for shard in step.glob("*.distcp"):
+            with open(shard, "r+b") as f:
+                f.truncate(10)
+    return dst
+
+
+def _train_argv(tmp_path, *extra):
+    return ["train", *TINY, "schedule.steps=3", "schedule.warmup_steps=0", f"logging.run_dir={tmp_path / 'run'}",
+            *extra]
+
+
+CLI_ROWS = [
+    # id, argv(tmp_path, checkpoints), kind, problem pattern, fix pattern
+    ("resume-names-a-damaged-checkpoint",
+     lambda t, ck: _train_argv(t, f"checkpoint.resume={_damaged_copy(ck, t / 'ck') / 'step-2'}"), "checkpoint",
+     r"checkpoint.resume=.*step-2 names a damaged checkpoint: .*truncated", r"set checkpoint.resume=auto"),
+    ("resume-auto-with-every-checkpoint-damaged",
+     lambda t, ck: _train_argv(t, f"checkpoint.dir={_damaged_copy(ck, t / 'ck')}"), "checkpoint",
+     r"no usable checkpoint in .*ck: .*step-2.*truncated.*step-1.*truncated", r"set checkpoint.resume=none"),
+    ("resume-into-another-model-shape",
+     lambda t, ck: _train_argv(t, f"checkpoint.resume={ck}", "model.n_layers=3"), "checkpoint",
+     r"different model shape: model.n_layers: checkpoint 2, this run 3", r"start fresh with checkpoint.resume=none"),
+    ("resume-path-missing", lambda t, ck: _train_argv(t, f"checkpoint.resume={t / 'nowhere'}"), "checkpoint",
+     r"checkpoint path '.*nowhere' does not exist", r"give a step directory"),
+    ("run-dir-under-a-file",
+     lambda t, ck: (t / "a-file").write_text("x") and _train_argv(t, f"logging.run_dir={t / 'a-file' / 'run'}"),
+     "config", r"cannot create .*a-file/run: .*a-file is a file, not a directory", r"point logging.run_dir"),
+    ("master-port-out-of-range", lambda t, ck: ["launch", *TINY, "launch.master_port=70000"], "config",
+     r"launch.master_port=70000 is not a TCP port", r"use one in 1-65535, or 0 for a free one"),
+    ("nprocs-suggests-nproc-per-node", lambda t, ck: ["launch", *TINY, "launch.nprocs=2"], "config",
+     r"unknown config key 'launch.nprocs'", r"Did you mean 'nproc_per_node'\?"),
+    ("data-error-is-labelled-data",
+     lambda t, ck: _train_argv(t, "data.source=shards", f"data.path={t / 'no-shards'}"), "data",
+     r"no-shards' holds no manifest.json", r"point it at a folder written by `longtrain data prepare`"),
+]
+
+
+@pytest.mark.parametrize("argv,kind,problem,fix", [r[1:] for r in CLI_ROWS], ids=[r[0] for r in CLI_ROWS])
+def test_cli_user_error_is_one_labelled_line_with_exit_code_2(tmp_path, capsys, one_checkpoint, argv, kind,
+                                                               problem, fix):
+    from longtrain.cli import main
+    from longtrain.errors import EXIT_CODE_USER_ERROR
+
+    args = argv(tmp_path, one_checkpoint)
+    capsys.readouterr()
+    rc = main(args)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == EXIT_CODE_USER_ERROR == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"longtrain: {kind} error: "), lines[0]
+    assert re.search(problem, lines[0]) and re.search(fix, lines[0]), lines[0]

@@ -294,5 +294,5 @@ def test_cli_list_inspect_consolidate(tmp_path, capsys):
     sd = torch.load(tmp_path / "one.pt", weights_only=False)
     assert sd["model"]["tok_embeddings.weight"].shape == (64, 32) and "optimizer" in sd
     (root / "step-2" / ".metadata").unlink()
-    assert main(["ckpt", "inspect", str(root / "step-2")]) == 1
+    assert main(["ckpt", "inspect", str(root / "step-2")]) == 2
     assert "did not finish" in capsys.readouterr().err

@@ -147,9 +147,10 @@ def test_a_missing_shard_is_named(prepared):
 
 def test_an_empty_dataset_is_refused(tmp_path):
     (tmp_path / "in.jsonl").write_text('{"text": ""}\n{"text": "  "}\n')
-    prepare([str(tmp_path / "in.jsonl")], tmp_path / "out", on_bad_document="skip", progress=False)
-    with pytest.raises(DataError, match="holds no usable documents"):
-        build_loader(_cfg(tmp_path / "out"), vocab_size=264)
+    with pytest.raises(DataError, match=r"in.jsonl\) hold no documents to train on \(skipped: 2 empty\)"):
+        prepare([str(tmp_path / "in.jsonl")], tmp_path / "out", on_bad_document="skip", progress=False)
+    with pytest.raises(DataError, match="holds no usable documents"):  # shards without documents
+        build_loader(_cfg(_shard_dir(tmp_path, [])), vocab_size=264)
     with pytest.raises(DataError, match=r"holds no manifest.json; point it at a folder written by `longtrain data prepare`"):
         build_loader(_cfg(tmp_path / "nowhere"), vocab_size=264)
 
@@ -158,3 +159,84 @@ def test_a_damaged_manifest_is_named(prepared):
     (prepared / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match=r"manifest.json is not valid JSON.*Delete it and re-run"):
         build_loader(_cfg(prepared), vocab_size=264)
+
+
+# ------------------------------------------------------------------ raw inputs: compressed, not UTF-8, nothing in them
+
+
+def _jsonl(n: int, tag: str = "doc") -> str:
+    return "".join(json.dumps({"text": f"{tag} {i} " * 20}) + "\n" for i in range(n))
+
+
+def _tokens(out: Path) -> list[list[int]]:
+    return [list(t) for f in sorted(out.glob("shard-*.parquet")) for t in pq.read_table(f)["tokens"].to_pylist()]
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])
+def test_compressed_jsonl_and_text_read_as_their_documents(tmp_path, suffix):
+    import bz2
+    import gzip
+    import lzma
+
+    text = "hello world\n" * 30
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "a.jsonl").write_text(_jsonl(4))
+    (tmp_path / "plain" / "b.txt").write_text(text)
+    if suffix == ".zst":
+        zstandard = pytest.importorskip("zstandard", reason="optional: .zst inputs need the zstandard package")
+        compress = zstandard.ZstdCompressor().compress
+    else:
+        compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix]
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "packed" / f"a.jsonl{suffix}").write_bytes(compress(_jsonl(4).encode()))
+    (tmp_path / "packed" / f"b.txt{suffix}").write_bytes(compress(text.encode()))
+    plain = prepare([str(tmp_path / "plain")], tmp_path / "o1", progress=False)
+    packed = prepare([str(tmp_path / "packed")], tmp_path / "o2", progress=False)
+    assert plain["num_docs"] == packed["num_docs"] == 5  # 4 JSONL lines + 1 text file, not 2 binary blobs
+    assert _tokens(tmp_path / "o1") == _tokens(tmp_path / "o2")
+
+
+def test_zst_without_zstandard_names_the_package(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # as if not installed: import raises ImportError
+    (tmp_path / "a.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    with pytest.raises(DataError, match=r"a.jsonl.zst is zstd-compressed, which needs the zstandard package: "
+                                        r"pip install zstandard"):
+        prepare([str(tmp_path / "a.jsonl.zst")], tmp_path / "out", progress=False)
+
+
+def test_a_damaged_gzip_names_the_file(tmp_path):
+    (tmp_path / "a.jsonl.gz").write_bytes(b"plain text, not gzip")
+    with pytest.raises(DataError, match=r"a.jsonl.gz: cannot be decompressed as .gz .*damaged or not compressed"):
+        prepare([str(tmp_path / "a.jsonl.gz")], tmp_path / "out", progress=False)
+
+
+def test_a_non_utf8_byte_names_file_and_line_and_follows_on_bad_document(tmp_path):
+    (tmp_path / "in.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n{"text": "also fine"}\n')
+    (tmp_path / "t.txt").write_bytes(b"line one\nline two\nbad \xff here\n")
+    with pytest.raises(DataError, match=r"in.jsonl:2: byte 0xe9 is not UTF-8.*--on-bad-document skip"):
+        prepare([str(tmp_path / "in.jsonl")], tmp_path / "o1", progress=False)
+    with pytest.raises(DataError, match=r"t.txt:3: byte 0xff is not UTF-8"):
+        prepare([str(tmp_path / "t.txt")], tmp_path / "o2", progress=False)
+    m = prepare([str(tmp_path / "in.jsonl"), str(tmp_path / "t.txt")], tmp_path / "o3", on_bad_document="skip",
+                progress=False)
+    assert m["num_docs"] == 2 and m["skipped"] == {"encoding": 2}
+
+
+def test_an_input_with_no_documents_is_an_error_with_exit_code_2(tmp_path, capsys):
+    from longtrain.cli import main
+
+    (tmp_path / "in.jsonl").write_text('{"text": ""}\n\n')
+    rc = main(["data", "prepare", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("longtrain: data error: ") and "hold no documents to train on (skipped: 1 empty)" in err[0]
+
+
+def test_split_long_drop_with_nothing_left_advises_split_or_a_longer_seq_len(tmp_path):
+    d = _shard_dir(tmp_path, _docs(4, length=40))
+    loader = build_loader(replace(_cfg(d), split_long="drop"), vocab_size=264)  # seq_len 16 < every document
+    with pytest.raises(DataError, match=r"split_long=drop drops every document longer than a sequence.*"
+                                        r"Use data.split_long=split \(or truncate\), or a longer data.seq_len"):
+        next(loader)

@@ -86,12 +86,12 @@ def test_missing_matplotlib_says_how_to_install_and_still_writes_the_json(tmp_pa
 
 def test_eval_of_a_missing_path_is_one_line_naming_it(tmp_path, capsys):
     missing = tmp_path / "runs" / "nope"
-    assert main(["eval", str(missing)]) == 1
+    assert main(["eval", str(missing)]) == 2
     err = capsys.readouterr().err.strip()
     assert str(missing) in err and "run directory" in err and "\n" not in err and "Traceback" not in err
     (tmp_path / "empty_run").mkdir()
     (tmp_path / "empty_run" / "config.yaml").write_text("model: {}\n")
-    assert main(["eval", str(tmp_path / "empty_run")]) == 1
+    assert main(["eval", str(tmp_path / "empty_run")]) == 2
     err = capsys.readouterr().err.strip()
     assert "has no checkpoints" in err and "\n" not in err
 

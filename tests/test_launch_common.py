@@ -219,3 +219,32 @@ def test_launch_cli_dry_run_prints_the_script(tmp_path):
     bad = subprocess.run(longtrain_cmd("launch", "tiny", "launch.bakend=slurm"), env=worker_env(),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "Did you mean 'backend'" in bad.stderr
+
+
+def _stop_as_if_preempted(cfg):
+    from longtrain.trainer.signals import CheckpointedExit
+
+    raise CheckpointedExit(step=7)
+
+
+def test_worker_notes_a_planned_exit_85_where_the_launcher_asks_and_exits_0(tmp_path, monkeypatch):
+    from longtrain.launch.worker import main
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
+    args = [*TINY, "launch.entry=test_launch_common:_stop_as_if_preempted"]
+    with pytest.raises(SystemExit) as e:  # no notes directory: the exit code passes through
+        main(args)
+    assert e.value.code == 85
+    monkeypatch.setitem(os.environ, "LONGTRAIN_EXIT_NOTES", str(tmp_path))
+    assert main(args) == 0 and (tmp_path / "exit-85").is_file()
+    assert main([*TINY, "launch.entry=no.such:entry"]) == 2 and (tmp_path / "exit-2").is_file()
+
+
+def test_sbatch_script_quotes_paths_with_a_space(tmp_path):
+    from longtrain.launch.slurm import sbatch_script
+
+    run_dir = tmp_path / "my run"
+    text = sbatch_script(load_config(None, ["launch.backend=slurm", f"logging.run_dir={run_dir}"]), None,
+                         [f"logging.run_dir={run_dir}"])
+    assert f'#SBATCH --output="{run_dir}/slurm-%j.out"' in text
+    assert f"NOTES='{run_dir}/launch'/exit-notes-" in text and f"'logging.run_dir={run_dir}'" in text

@@ -76,3 +76,17 @@ def test_local_restart_after_a_killed_worker_resumes_and_matches_the_undisturbed
     assert launcher.returncode == 0, out[-4000:]
     assert "restart 1" in out and "resumed from" in out.lower(), out[-4000:]
     assert final_loss(tmp_path) == reference_run
+
+
+def test_local_a_worker_config_error_under_max_restarts_is_one_attempt_and_exit_code_2(tmp_path):
+    from test_launch_common import TINY
+
+    # parallel.tp=3 fits no world of 2: each worker finds it (the launcher cannot: it has no world size)
+    r = subprocess.run(longtrain_cmd("launch", "launch.backend=local", "launch.nproc_per_node=2",
+                                     "launch.max_restarts=3", *TINY, "parallel.tp=3", f"logging.run_dir={tmp_path}"),
+                       env=worker_env(), capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out[-3000:]
+    assert "longtrain: config error: world size 2 is not divisible" in out, out[-3000:]
+    assert "no restart can fix" in r.stderr and "restarting the group" not in out, out[-3000:]
+    assert len(list((tmp_path / "launch").glob("*/attempt_*"))) == 1  # one elastic launch, not four

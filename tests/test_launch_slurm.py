@@ -41,14 +41,26 @@ def _job(job_id: str) -> dict:
     return job_state(job_id)
 
 
-def test_slurm_two_task_job_through_longtrain_launch(tmp_path, reference_run):
-    r = run_launch(*SLURM, *tiny_overrides(tmp_path), "--wait", timeout=240)
+def test_slurm_two_task_job_through_longtrain_launch_into_a_run_dir_with_a_space(tmp_path, reference_run):
+    run_dir = tmp_path / "run dir"  # sbatch takes an unquoted #SBATCH path with a space for two arguments
+    r = run_launch(*SLURM, *tiny_overrides(run_dir), "--wait", timeout=240)
     job_id = re.search(r"submitted slurm job (\d+)", r.stdout).group(1)
     assert f"slurm job {job_id}: COMPLETED" in r.stdout
-    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    log = (run_dir / f"slurm-{job_id}.out").read_text()
     assert "0: [longtrain] worker rank 0/2" in log and "1: " in log  # two srun tasks, rank-labelled
     assert "from slurm env" in log
-    assert final_loss(tmp_path) == reference_run
+    assert final_loss(run_dir) == reference_run
+
+
+def test_slurm_worker_config_error_is_not_restarted(tmp_path):
+    r = subprocess.run(longtrain_cmd("launch", *SLURM, *tiny_overrides(tmp_path), "launch.max_restarts=2",
+                                     "parallel.tp=3", "--wait"), env=worker_env(), capture_output=True, text=True,
+                       timeout=240)
+    job_id = re.search(r"submitted slurm job (\d+)", r.stdout).group(1)
+    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert r.returncode == 1 and f"slurm job {job_id}: FAILED" in r.stdout, r.stdout[-2000:] + log[-3000:]
+    assert "longtrain: config error: world size 2 is not divisible" in log, log[-3000:]
+    assert "no restart can fix" in log and "restart 1 of" not in log, log[-3000:]
 
 
 def test_slurm_usr1_checkpoints_requeues_and_matches_the_undisturbed_loss(tmp_path, reference_run):
@@ -74,5 +86,7 @@ def test_slurm_usr1_checkpoints_requeues_and_matches_the_undisturbed_loss(tmp_pa
     assert _job(job_id)["JobState"] == "COMPLETED", log[-4000:]
     assert "USR1 -> asking the workers to checkpoint" in log and "requeueing" in log, log[-4000:]
     assert "exiting with code 85" in log, log[-4000:]
+    # the planned exit is noted, not returned: srun --kill-on-bad-exit saw no failed task
+    assert "Exited with exit code" not in log and "error: task" not in log, log[-4000:]
     assert "(restart 1)" in log and "resumed from" in log, log[-4000:]
     assert final_loss(tmp_path) == reference_run

@@ -37,8 +37,12 @@ def train_steps(cfg, steps=4, use_sched=True):
 
 @pytest.mark.parametrize("impl", ["torch", "deepspeed"])
 def test_offloaded_adamw_matches_torch_adamw_after_steps(impl):
-    if impl == "deepspeed" and not cpu_adam_available()[0]:
-        pytest.skip(f"DeepSpeedCPUAdam not usable here: {cpu_adam_available()[1]}")
+    if impl == "deepspeed":
+        # the test extras install deepspeed (no prebuilt ops); its CPU Adam op JIT-compiles at first
+        # use (1-2 min of CPU) into ~/.cache/torch_extensions, where later runs find it
+        pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install -e '.[test]' installs it)")
+        ok, why = cpu_adam_available()
+        assert ok, f"deepspeed is installed but DeepSpeedCPUAdam does not build or load here: {why}"
     ref, ref_opt = train_steps(cfg_for())
     off, off_opt = train_steps(cfg_for(optimizer_offload=True, optimizer_offload_impl=impl))
     assert isinstance(ref_opt, torch.optim.AdamW) and isinstance(off_opt, CPUOffloadAdamW)

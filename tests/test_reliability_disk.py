@@ -144,3 +144,18 @@ def test_a_file_where_the_checkpoint_dir_should_be_fails_the_save_by_policy(tmp_
         with pytest.raises(CheckpointError, match=r"save of step 2 .*Not a directory.*writable directory.*on_save_error=stop"):
             train(cfg)
     assert blocker.read_text() == "a file, not a directory"
+
+
+def test_a_disk_full_mid_shard_says_no_space_left_on_the_directory(tmp_path):
+    """A 1 MiB tmpfs filled so that the save runs out inside torch.save's zip writer, which reports
+    only "unexpected pos A vs B"; the message must say the disk is full, and where."""
+    from longtrain.trainer.train import train
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    with mounted(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], target=disk):
+        (disk / "filler").write_bytes(b"\0" * (640 << 10))  # leaves about one shard's worth minus a bit
+        with pytest.raises(CheckpointError) as e:
+            train(cfg_for(tmp_path / "run", disk / "ck", "checkpoint.on_save_error=stop", steps=2))
+        assert f"no space left on {disk / 'ck'}" in str(e.value), str(e.value)
+        assert "\n" not in str(e.value)

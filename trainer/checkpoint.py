@@ -146,6 +146,25 @@ def _describe_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+def _out_of_space(root: Path, error_text: str) -> str:
+    """The directory whose file system is full when a save failed for lack of space, else "".
+
+    ENOSPC reaches us as "No space left on device" from a plain write, but as the zip writer's
+    "unexpected pos A vs B" (a short write) when torch.save's writer hits the full disk; the file
+    system's free space (read before the partial save is removed) tells the second case apart.
+    """
+    if "No space left on device" in error_text or "[Errno 28]" in error_text:
+        return str(root)
+    if "unexpected pos" in error_text:
+        try:
+            usage = shutil.disk_usage(root)
+        except OSError:
+            return ""
+        if usage.free < max(1 << 20, usage.total // 100):  # under 1 MiB or 1% left
+            return f"{root} ({usage.free} of {usage.total} bytes free)"
+    return ""
+
+
 def _checkpoint_key_fn(model, optimizer: bool):
     """Local ``get_state_dict`` key -> the checkpoint's key (the whole model's name)."""
     key = getattr(model, "checkpoint_key", None)
@@ -260,7 +279,9 @@ class Checkpointer:
                 self.load(path)
             except CheckpointCorrupt as e:
                 if strict:
-                    raise
+                    raise CheckpointCorrupt(f"checkpoint.resume={mode} names a damaged checkpoint: {e} Name an "
+                                            f"intact step directory, or set checkpoint.resume=auto (the newest "
+                                            f"usable one) or checkpoint.resume=none (start fresh).") from e
                 failures.append(str(e))
                 if self.is_main:
                     warnings.warn(f"{e} Falling back to the previous checkpoint.", stacklevel=2)
@@ -464,8 +485,10 @@ class Checkpointer:
             self.wait()
 
     def _save_failed(self, step: int, tmp: Path, err: Exception) -> None:
-        msg = f"checkpoint save of step {step} to {tmp} failed: {_describe_error(err)}"
-        if isinstance(err, OSError) or "[Errno" in msg:
+        why = _describe_error(err)
+        full = _out_of_space(self.root, why)
+        msg = f"checkpoint save of step {step} to {tmp} failed: " + (f"no space left on {full} ({why})" if full else why)
+        if full or isinstance(err, OSError) or "[Errno" in msg:
             msg += (f". Make checkpoint.dir={str(self.root)!r} a writable directory with room for a "
                     f"checkpoint (or point checkpoint.dir elsewhere)")
         if self.is_main:
@@ -568,8 +591,7 @@ class Checkpointer:
         try:
             dcp.load(state, checkpoint_id=str(path), process_group=self.pg, no_dist=not self.distributed)
         except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures in CheckpointException
-            raise CheckpointCorrupt(f"checkpoint {path} could not be read: {type(e).__name__}: "
-                                    f"{str(e)[:2000]}") from e
+            raise CheckpointCorrupt(f"checkpoint {path} could not be read: {_describe_error(e)[:2000]}") from e
         # state["model"] / state["optimizer"] now hold what was read (tensors filled in place)
         model_local = _from_checkpoint_names(state["model"], *model[1:])
         optim_local = _from_checkpoint_names(state["optimizer"], *optim[1:]) if optim is not None else {}

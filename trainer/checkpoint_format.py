@@ -38,6 +38,8 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
+from longtrain.errors import UserError
+
 # a single process saves and loads without a process group on purpose; DCP warns about it each time
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -55,8 +57,10 @@ SHAPE_KEYS = {"llama": ("arch", "vocab_size", "dim", "n_heads", "n_kv_heads", "f
 LAYOUT_KEYS = ("dp_replicate", "dp_shard", "sp", "tp", "pp", "world_size")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used; the message names the checkpoint and what is wrong."""
+
+    kind = "checkpoint"
 
 
 class CheckpointCorrupt(CheckpointError):

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from longtrain.config import ConfigError
+from longtrain.errors import UserError, report_user_error
 from longtrain.trainer.checkpoint_format import (LAYOUT_KEYS, CheckpointError, describe_checkpoint, read_latest,
                                                  read_meta, resolve_checkpoint_path, step_dirs, verify_checkpoint)
 from longtrain.trainer.hf import export_hf, hf_model_config, read_hf_config
@@ -122,9 +122,8 @@ def _guard(fn):
     def run(ns):
         try:
             return fn(ns)
-        except (CheckpointError, ConfigError) as e:
-            print(f"longtrain ckpt: {e}", file=sys.stderr)
-            return 1
+        except UserError as e:  # a checkpoint or config problem: one line, exit code 2
+            return report_user_error(e, "longtrain ckpt")
     return run
 
 

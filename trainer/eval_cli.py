@@ -11,12 +11,10 @@ environment; ``--nproc N`` starts N local workers through the same launcher as t
 from __future__ import annotations
 
 import argparse
-import sys
 
-from longtrain.config import ConfigError, load_config
-from longtrain.data.validate import DataError
+from longtrain.config import load_config
+from longtrain.errors import UserError, report_user_error
 from longtrain.launch.local import launch_local
-from longtrain.trainer.checkpoint_format import CheckpointError
 from longtrain.trainer.evaluate import eval_overrides, evaluate_worker
 
 
@@ -28,9 +26,8 @@ def _eval(ns: argparse.Namespace) -> int:
                           "launch.max_restarts=0", "launch.entry=longtrain.trainer.evaluate:evaluate_worker"]
             return launch_local(load_config(config, overrides), config, overrides)
         evaluate_worker(load_config(config, overrides))
-    except (CheckpointError, ConfigError, DataError) as e:
-        print(f"longtrain eval: {e}", file=sys.stderr)
-        return 1
+    except UserError as e:  # a checkpoint, config or data problem: one line, exit code 2
+        return report_user_error(e, "longtrain eval")
     return 0
 
 
