@@ -108,7 +108,7 @@ host_exec() {  # host_exec K CMD...: CMD in host K's network namespace, with hos
 
 # ------------------------------------------------------------------------------------------ Slurm
 slurm_conf() {
-  local ncpu; ncpu=$(nproc)
+  local ncpu; ncpu=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS
   cat <<EOF
 # Written by longtrain launch/netns_hosts.sh: a Slurm cluster of network-namespace hosts.
 ClusterName=$PREFIX
@@ -192,13 +192,19 @@ ray_up() {
   [ -x "$ray" ] || die "ray is not installed (pip install 'ray[default]'); set RAY=/path/to/ray"
   local ncpu=${LT_RAY_CPUS:-2}
   mkdir -p "$STATE/ray"
-  # --temp-dir per host keeps the sessions (sockets, logs) of the hosts apart
-  ( host_exec 1 "$ray" start --head --node-ip-address="$SUBNET.1" --port=6379 --num-cpus="$ncpu" \
+  # --temp-dir per host keeps the sessions (sockets, logs) of the hosts apart. Token authentication
+  # (Ray's default for `ray start --head` since 2.5x) is off: this cluster listens only on the test
+  # bridge, which nothing outside these namespaces reaches; a real cluster should keep it on.
+  export RAY_AUTH_MODE=disabled
+  # fixed agent ports (each host has its own network, so they cannot collide): with port 0 the
+  # raylet waits for the agents to write theirs to a file, which can time out on a loaded machine
+  local ports="--dashboard-agent-grpc-port=52366 --dashboard-agent-listen-port=52365 --metrics-export-port=52368 --runtime-env-agent-port=52367"
+  ( host_exec 1 "$ray" start --head --node-ip-address="$SUBNET.1" --port=6379 --num-cpus="$ncpu" $ports \
       --include-dashboard=false --disable-usage-stats --temp-dir="$STATE/ray/${PREFIX}1" >"$STATE/ray/start-1.log" 2>&1 ) \
     || die "ray start --head failed: $(tail -n 5 "$STATE/ray/start-1.log")"
   for ns in $(hosts | tail -n +2); do
     local k=${ns#"$PREFIX"}
-    ( host_exec "$k" "$ray" start --address="$SUBNET.1:6379" --node-ip-address="$SUBNET.$k" --num-cpus="$ncpu" \
+    ( host_exec "$k" "$ray" start --address="$SUBNET.1:6379" --node-ip-address="$SUBNET.$k" --num-cpus="$ncpu" $ports \
         --disable-usage-stats --temp-dir="$STATE/ray/$ns" >"$STATE/ray/start-$k.log" 2>&1 ) \
       || die "ray start on $ns failed: $(tail -n 5 "$STATE/ray/start-$k.log")"
   done
