@@ -186,6 +186,25 @@ slurm_up() {
 }
 
 # -------------------------------------------------------------------------------------------- Ray
+ray_start() {  # ray_start K ARGS..: `ray start ARGS` on host K, up to 3 tries
+  # `ray start` gives a raylet 30 s (fixed in Ray) to register; on a loaded machine that can pass.
+  # A failed try leaves processes behind in host K only: they are stopped by pid (`ray stop` would
+  # stop every Ray process of the machine, other users' too) before the next try.
+  local k=$1; shift
+  local log=$STATE/ray/start-$k.log
+  for try in 1 2 3; do
+    ( host_exec "$k" "$ray" start "$@" --node-ip-address="$SUBNET.$k" --num-cpus="$ncpu" $ports \
+        --disable-usage-stats --temp-dir="$STATE/ray/${PREFIX}$k" >"$log" 2>&1 ) && return 0
+    say "ray start on ${PREFIX}$k failed (try $try of 3): $(tail -n 1 "$log")"
+    local pids; pids=$(ip netns pids "${PREFIX}$k" | tr '\n' ' ')
+    # shellcheck disable=SC2086
+    [ -n "${pids// /}" ] && kill -KILL $pids 2>/dev/null
+    sleep 1
+    rm -rf "${STATE:?}/ray/${PREFIX}$k"
+  done
+  die "ray start on ${PREFIX}$k failed 3 times: $(tail -n 5 "$log")"
+}
+
 ray_up() {
   [ -n "$(hosts)" ] || die "no hosts (run: bash $0 up 2)"
   local ray=${RAY:-$(command -v ray)}
@@ -193,20 +212,18 @@ ray_up() {
   local ncpu=${LT_RAY_CPUS:-2}
   mkdir -p "$STATE/ray"
   # --temp-dir per host keeps the sessions (sockets, logs) of the hosts apart. Token authentication
-  # (Ray's default for `ray start --head` since 2.5x) is off: this cluster listens only on the test
+  # (on by default for `ray start --head` in the Ray installed here, 2.60) is off: this cluster listens only on the test
   # bridge, which nothing outside these namespaces reaches; a real cluster should keep it on.
   export RAY_AUTH_MODE=disabled
+  # The raylet waits for its dashboard agent (a Python process) to start; on a loaded machine
+  # that takes longer than the default allows, and the raylet aborts ("Timed out waiting for file").
+  export RAY_agent_register_timeout_ms=${RAY_agent_register_timeout_ms:-300000}
   # fixed agent ports (each host has its own network, so they cannot collide): with port 0 the
   # raylet waits for the agents to write theirs to a file, which can time out on a loaded machine
   local ports="--dashboard-agent-grpc-port=52366 --dashboard-agent-listen-port=52365 --metrics-export-port=52368 --runtime-env-agent-port=52367"
-  ( host_exec 1 "$ray" start --head --node-ip-address="$SUBNET.1" --port=6379 --num-cpus="$ncpu" $ports \
-      --include-dashboard=false --disable-usage-stats --temp-dir="$STATE/ray/${PREFIX}1" >"$STATE/ray/start-1.log" 2>&1 ) \
-    || die "ray start --head failed: $(tail -n 5 "$STATE/ray/start-1.log")"
+  ray_start 1 --head --port=6379 --include-dashboard=false
   for ns in $(hosts | tail -n +2); do
-    local k=${ns#"$PREFIX"}
-    ( host_exec "$k" "$ray" start --address="$SUBNET.1:6379" --node-ip-address="$SUBNET.$k" --num-cpus="$ncpu" $ports \
-        --disable-usage-stats --temp-dir="$STATE/ray/$ns" >"$STATE/ray/start-$k.log" 2>&1 ) \
-      || die "ray start on $ns failed: $(tail -n 5 "$STATE/ray/start-$k.log")"
+    ray_start "${ns#"$PREFIX"}" --address="$SUBNET.1:6379"
   done
   say "Ray up: head $SUBNET.1:6379, $(nhosts) nodes x $ncpu CPUs; use launch.ray.address=$SUBNET.1:6379"
 }

@@ -165,7 +165,7 @@ def _ray_missing() -> str:
 def test_ray_spread_hsdp_job_restarts_after_a_worker_dies_on_host_2_and_matches_one_process(
         tmp_path, one_process_losses):
     with two_hosts("ltray", "10.231.2") as hosts:
-        hosts.script("ray-up", timeout=240)
+        hosts.script("ray-up", timeout=420)
         launcher = subprocess.Popen(
             hosts.cmd(1, *longtrain_cmd("launch", "launch.backend=ray", "launch.ray.address=10.231.2.1:6379",
                                         "launch.ray.strategy=SPREAD", "launch.max_restarts=1",
