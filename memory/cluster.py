@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from longtrain.config import Config, ConfigError
 from longtrain.memory.planner import GiB, TIE_FRACTION, Plan, layout_from, machinery, plan, usable
 from longtrain.memory.step_time import H200, Rates
-from longtrain.models.costs import flops_per_token
+from longtrain.models.costs import count_params, flops_per_token
 
 PEAK_BF16 = 989e12  # dense bf16 FLOP/s of one H100/H200 (the MFU convention of docs/performance.md)
 
@@ -44,11 +44,12 @@ def _divisors(n: int) -> list[int]:
 def cluster_layouts(cfg: Config, nodes: int, gpus_per_node: int, sp_across_nodes: bool = False) -> list[dict]:
     """Mesh sizes for nodes x gpus_per_node GPUs that the mesh accepts for ``cfg.model``."""
     world = nodes * gpus_per_node
+    blocks = count_params(cfg.model)["n_blocks"]  # a pipeline stage needs at least one block
     out, seen = [], set()
     for tp in _divisors(gpus_per_node):
         for sp in _divisors(world // tp if sp_across_nodes else gpus_per_node // tp):
             for pp in _divisors(nodes):
-                if (world // (tp * sp)) % pp:
+                if (world // (tp * sp)) % pp or pp > blocks:
                     continue
                 dp = world // (tp * sp * pp)
                 inside = max(1, gpus_per_node // (tp * sp))
