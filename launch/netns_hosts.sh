@@ -267,7 +267,11 @@ cmd=${1:-}
 shift || true
 case "$cmd" in
   up) up "$@" ;;
-  exec) [ $# -ge 2 ] || die "exec K CMD..."; export SLURM_CONF=${SLURM_CONF:-$STATE/slurm/slurm.conf}; host_exec "$@" ;;
+  exec)
+    [ $# -ge 2 ] || die "exec K CMD..."
+    # inside the hosts, Slurm commands talk to their cluster (not one SLURM_CONF names outside)
+    [ -f "$STATE/slurm/slurm.conf" ] && export SLURM_CONF=$STATE/slurm/slurm.conf
+    host_exec "$@" ;;
   slurm-up) slurm_up ;;
   ray-up) ray_up ;;
   down) down ;;
