@@ -41,9 +41,12 @@ class WorkerEnv:
     master_port: int
     restart_count: int
     source: str  # "torchrun" (a launcher set the variables), "slurm" or "single"
+    node_rank: int = 0  # GROUP_RANK: which of the job's nodes this worker is on
+    host: str = ""  # this worker's host name, so a multi-node log says where each rank ran
 
     def describe(self) -> str:
         return (f"rank {self.rank}/{self.world_size} (local {self.local_rank}/{self.local_world_size}) "
+                f"on host {self.host} (node {self.node_rank}) "
                 f"master {self.master_addr}:{self.master_port} from {self.source} env, "
                 f"restart {self.restart_count}")
 
@@ -160,4 +163,5 @@ def normalize_env(env: Optional[MutableMapping[str, str]] = None) -> WorkerEnv:
     env["LONGTRAIN_RESTART_COUNT"] = str(count)
     return WorkerEnv(rank=_int(env, "RANK"), world_size=_int(env, "WORLD_SIZE"), local_rank=_int(env, "LOCAL_RANK"),
                      local_world_size=_int(env, "LOCAL_WORLD_SIZE"), master_addr=env["MASTER_ADDR"],
-                     master_port=_int(env, "MASTER_PORT"), restart_count=count, source=source)
+                     master_port=_int(env, "MASTER_PORT"), restart_count=count, source=source,
+                     node_rank=_int(env, "GROUP_RANK", 0), host=socket.gethostname())

@@ -10,8 +10,10 @@ Owns: ``launch_ray(cfg, config, overrides)``, the driver. The idea:
    placement group (``launch.ray.strategy``: PACK fills few nodes, SPREAD uses many), so a job
    either gets all of its workers or waits; it never half-starts.
 3. Start one actor per bundle. Rank 0's actor reports its node IP and a free port there: that is
-   MASTER_ADDR:MASTER_PORT. Ranks follow bundle order; local ranks count actors on the same
-   node. Each actor sets torchrun's variables and calls ``longtrain.launch.worker.run_worker``
+   MASTER_ADDR:MASTER_PORT. Ranks are numbered node by node (``rank_order``): SPREAD deals the
+   bundles out round-robin, but the mesh puts tp, sp and dp_shard on neighbouring ranks and
+   expects them inside one node, so each node gets a contiguous block of ranks; local ranks count
+   actors on the same node. Each actor sets torchrun's variables and calls ``longtrain.launch.worker.run_worker``
    in its own process -- the same code path as the other backends.
 4. Wait with ``ray.wait``: the first actor that dies or raises ends the attempt (the others would
    otherwise sit in a collective until its timeout). Every actor of the attempt is then killed
@@ -150,8 +152,22 @@ def _reserve(cfg: Config, n: int):
     return pg
 
 
+def rank_order(bundle_nodes: list[str]) -> list[int]:
+    """Bundle indices in rank order: nodes in the order of their first bundle, each node's bundles
+    together. ``[a, b, a, b]`` (what SPREAD gives) -> ``[0, 2, 1, 3]``: ranks 0-1 on a, 2-3 on b."""
+    first = {node: i for i, node in reversed(list(enumerate(bundle_nodes)))}
+    return sorted(range(len(bundle_nodes)), key=lambda i: (first[bundle_nodes[i]], i))
+
+
+def _bundle_nodes(pg, n: int) -> list[str]:
+    from ray.util.placement_group import placement_group_table
+
+    table = placement_group_table(pg)["bundles_to_node_id"]
+    return [table[i] for i in range(n)]
+
+
 def _worker_envs(infos: list[dict], attempt: int, cfg: Config) -> list[dict]:
-    """torchrun's variables per rank from what the actors reported (bundle order = rank order)."""
+    """torchrun's variables per rank from what the actors reported (``infos[rank]``)."""
     master = infos[0]
     by_node: dict[str, list[int]] = {}
     for rank, info in enumerate(infos):
@@ -182,9 +198,10 @@ def _run_attempt(cfg: Config, pg, n: int, attempt: int, config, overrides, loopb
 
     rc = cfg.launch.ray
     cls = _actor_class()
+    bundles = rank_order(_bundle_nodes(pg, n))  # bundles[rank]: the bundle that rank runs in
     actors = [cls.options(num_cpus=rc.cpus_per_worker, num_gpus=rc.gpus_per_worker,
-                          scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
-              .remote(i) for i in range(n)]
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=b))
+              .remote(rank) for rank, b in enumerate(bundles)]
     try:
         infos = ray.get([a.describe.remote() for a in actors])
         node_ip = {nd["NodeID"]: nd["NodeManagerAddress"] for nd in ray.nodes()}  # as the cluster knows them

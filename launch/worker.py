@@ -69,8 +69,7 @@ def run_worker(config: Optional[str], overrides: list[str]) -> dict:
     """Normalise the environment, load the config, train; return the training function's result."""
     wenv = normalize_env()
     cfg = load_worker_config(config, overrides, wenv)
-    if wenv.rank == 0:
-        print(f"[longtrain] worker {wenv.describe()}", flush=True)
+    print(f"[longtrain] worker {wenv.describe()}", flush=True)  # every rank: the log names each one's host
     result = resolve_entry(cfg.launch.entry)(cfg) or {}
     return result
 

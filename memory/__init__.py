@@ -10,8 +10,11 @@ Modules, one idea each:
 - ``tiling``: MLP and head + cross-entropy over sequence chunks, recomputed in backward.
 - ``optimizer_offload``: ``build_optimizer`` (AdamW, or Adam state + fp32 master on the CPU)
   and ``fsdp_offload_policy`` for FSDP2.
-- ``step_time``: the step-time model (FLOPs at measured kernel rates, communication, exposed
-  offload copies) and the measured steps it is checked against.
+- ``step_time``: the step-time model (FLOPs at measured kernel rates, communication inside and
+  across nodes, exposed offload copies, the pipeline bubble) and the measured steps it is checked
+  against.
+- ``cluster``: layouts for N nodes x G GPUs (``longtrain plan --nodes``), each at the planner's
+  fastest fitting policy, ranked by tokens per second per GPU.
 - ``planner``: per-rank memory estimates and the choice of the fastest policy that fits,
   ``resolve_policy`` for ``memory.policy=auto``, ``measure_peak``; ``plan_table`` prints its rows;
   ``cli`` registers ``longtrain plan``.

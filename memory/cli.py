@@ -1,7 +1,8 @@
 """``longtrain plan CONFIG [section.key=value ...]``: the memory planner's table for a config.
 
 Owns: the ``plan`` subcommand only (``add_cli`` registers it on the main parser's subparsers);
-the estimates live in ``longtrain.memory.planner``.
+the estimates live in ``longtrain.memory.planner``, the cluster layouts (``--nodes``) in
+``longtrain.memory.cluster``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import copy
 
 from longtrain.cli_common import add_config_args, split_config_args
 from longtrain.config import ConfigError, load_config
+from longtrain.memory.cluster import cluster_rates, format_cluster, plan_cluster
 from longtrain.memory.plan_table import format_plan, format_time_model_error, time_model_error
 from longtrain.memory.planner import GiB, longest_seq_len, plan, resolve_policy, usable
 
@@ -24,7 +26,11 @@ def _plan(ns: argparse.Namespace) -> int:
     if ns.check_time:
         print(format_time_model_error(time_model_error()))
         return 0
+    if ns.seq_len is not None:
+        overrides.append(f"data.seq_len={ns.seq_len}")
     cfg = load_config(config, overrides)
+    if ns.nodes is not None:
+        return _cluster(cfg, ns)
     if ns.longest:
         return _longest(cfg, ns.world)
     p = plan(cfg, ns.world)
@@ -59,6 +65,17 @@ def _longest(cfg, world) -> int:
     return 0
 
 
+def _cluster(cfg, ns: argparse.Namespace) -> int:
+    for flag, v in (("--nodes", ns.nodes), ("--gpus-per-node", ns.gpus_per_node)):
+        if v < 1:
+            print(f"longtrain plan: {flag}={v} must be >= 1.")
+            return 2
+    rates = cluster_rates(ns.gpus_per_node, ns.intra_gbps, ns.inter_gbps)
+    rows, chosen = plan_cluster(cfg, ns.nodes, ns.gpus_per_node, rates, ns.sp_across_nodes)
+    print(format_cluster(cfg, ns.nodes, ns.gpus_per_node, rates, rows, chosen))
+    return 0 if chosen is not None else 1
+
+
 def _as_auto(cfg):
     out = copy.deepcopy(cfg)
     out.memory.policy = "auto"
@@ -81,4 +98,15 @@ def add_cli(subparsers) -> None:
                    help="print the step-time model against every step measured on H200s (docs/performance.md)")
     p.add_argument("--world", type=int, default=None,
                    help="world size to resolve parallel.dp_shard=-1 (default launch.nodes*nproc_per_node)")
+    c = p.add_argument_group("cluster layouts (--nodes): tp and sp inside a node, pp and dp across nodes")
+    c.add_argument("--nodes", type=int, default=None,
+                   help="plan every layout of NODES x --gpus-per-node GPUs and recommend the fastest per GPU that fits")
+    c.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    c.add_argument("--seq-len", type=int, default=None, help="sequence length (data.seq_len)")
+    c.add_argument("--intra-gbps", type=float, default=None,
+                   help="GB/s per GPU inside a node (default 261: NCCL all-to-all measured on 2xH200 NVLink)")
+    c.add_argument("--inter-gbps", type=float, default=None,
+                   help="GB/s per GPU across nodes (default 50: one 400 Gb/s NIC per GPU, DGX H200)")
+    c.add_argument("--sp-across-nodes", action="store_true",
+                   help="let Ulysses span nodes too (as ALST runs sp=32 on 4 nodes)")
     p.set_defaults(func=_plan)

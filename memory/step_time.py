@@ -27,6 +27,23 @@ with a graph, t = tensor-parallel size):
                      small; on the host (optimizer or FSDP CPU offload) ``cpu_adam`` parameters a
                      second, plus the gradients' and parameters' trips over the host link
 
+Across GPUs and nodes (the mesh orders tp innermost, then sp, dp_shard, dp_replicate, pp, so a
+group fits in one node when the product of its size and the sizes inside it is at most
+``gpus_per_node``; a group that does not runs at ``inter_node``, one that does at ``all_to_all``):
+
+    tp comm ........ sequence-parallel tensor parallelism: per block and pass two all-gathers and
+                     two reduce-scatters of the [T, d] stream, (t-1)/t of it each, forward,
+                     backward and in a recomputation; on the critical path (not overlapped)
+    dp comm ........ FSDP over dp_shard x sp: parameters gathered in forward and again in backward
+                     (activation dtype), gradients reduce-scattered (parallel.reduce_dtype),
+                     (n-1)/n of the stage's parameters each; HSDP adds an all-reduce of the
+                     gradient shard over dp_replicate, 2(r-1)/r of it. FSDP prefetches, so only
+                     what the step's compute cannot cover is exposed, plus one block's gather
+    pipeline ....... 1F1B with M micro-batches (the rows of a rank's batch, at most
+                     parallel.pp_microbatches): (pp-1)/M of a stage's compute idle (divided by
+                     the virtual stages for interleaved schedules), plus the [T, d] activations and
+                     their gradients sent between stages
+
 The rates are the kernels' measured rates (``../shared/tools/probe_device.py`` on an H200) times
 an efficiency each, fitted once to ``MEASURED`` (the norms, rotary, activation functions, casts and
 launch gaps that surround the matmuls and attention kernels are not counted separately). The
@@ -57,6 +74,12 @@ class Rates:
     all_to_all: float = 261 * GB  # NCCL all-to-all between 2 H200s (NVLink), bytes sent per rank
     hbm: float = 4.3e12  # device-to-device copy, bytes read + written
     cpu_adam: float = 1.0e9  # parameters per second, DeepSpeed's CPU Adam (16 host cores)
+    # the node: GPUs that share NVLink, and what one GPU sends across nodes. Default 50 GB/s: one
+    # 400 Gb/s NIC per GPU (DGX H100/H200 nodes: eight ConnectX-7 at 400 Gb/s), the link rate --
+    # not measured here; a collective reaches less of it. Inside a node collectives run at
+    # ``all_to_all`` (measured).
+    gpus_per_node: int = 8
+    inter_node: float = 50 * GB
     # fitted to MEASURED (see the module docstring): the share of each kernel rate a step reaches
     matmul_efficiency: float = 0.70
     # by head_dim: the kernels' rates above were measured at 128; at 64 they reach less of them
@@ -70,6 +93,21 @@ def attention_kernel(cfg) -> str:
     """The kernel plain causal attention runs on a GPU (``models.attention.select_backend``)."""
     b = cfg.model.attn_backend
     return "sdpa_cudnn" if b == "auto" else b
+
+
+MESH_INNER_TO_OUTER = ("tp", "sp", "dp_shard", "dp_replicate", "pp")  # parallel.mesh's order, reversed
+
+
+def group_bandwidth(dims, names: tuple, rates: Rates) -> float:
+    """Bytes/s per GPU of a collective over the mesh dimensions ``names`` (adjacent in the mesh):
+    NVLink when the group's ranks share a node, else the inter-node link."""
+    inner = 1
+    for d in MESH_INNER_TO_OUTER:
+        if d in names:
+            break
+        inner *= getattr(dims, d)
+    span = inner * math.prod(getattr(dims, d) for d in names)
+    return rates.all_to_all if span <= rates.gpus_per_node else rates.inter_node
 
 
 def _blocks(m, pp: int) -> dict:
@@ -149,8 +187,13 @@ def step_time(cfg, dims, pol, host_bytes: float, params_per_rank: float, act_byt
         out = a * T * m.n_heads / t * m.head_dim
         per_pass = (qkv + out) * (s - 1) / s
         passes = 2 + (1 if pol.recompute in ("full", "selective") else 0)  # fwd, bwd, recompute (q, k, v)
-        terms["all-to-all"] = nb["graph"] * per_pass * passes / rates.all_to_all + \
-            (nb["forward"] - nb["graph"]) * per_pass / rates.all_to_all
+        bw = group_bandwidth(dims, ("sp",), rates)
+        terms["all-to-all"] = nb["graph"] * per_pass * passes / bw + (nb["forward"] - nb["graph"]) * per_pass / bw
+    # ---- tensor parallel (sequence-parallel): 2 all-gathers + 2 reduce-scatters per block and pass
+    if t > 1:
+        per_pass = 4 * (t - 1) / t * T * m.dim * act_bytes
+        passes = nb["forward"] + nb["graph"] + (nb["graph"] if pol.recompute in ("full", "selective") else 0)
+        terms["tp comm"] = passes * per_pass / group_bandwidth(dims, ("tp",), rates)
     # ---- activation offload: each direction overlaps the compute of its phase ------------------
     if host_bytes:
         copy = host_bytes / rates.host_link
@@ -158,6 +201,25 @@ def step_time(cfg, dims, pol, host_bytes: float, params_per_rank: float, act_byt
         bwd_compute = ideal - fwd_compute + rec
         one_block = copy / max(1, nb["graph"])
         terms["offload (exposed)"] = max(0.0, copy - fwd_compute) + max(0.0, copy - bwd_compute) + 2 * one_block
+    compute = sum(terms.values())
+    # ---- data parallel: FSDP gathers and reduce-scatters, HSDP's replica all-reduce, prefetched --
+    n_fsdp, r = dims.dp_shard * s, dims.dp_replicate
+    if n_fsdp > 1 or r > 1:
+        stage_params = params_per_rank * n_fsdp  # this stage's parameters on one tp rank
+        reduce_b = 4 if cfg.parallel.reduce_dtype == "fp32" else 2
+        dp = 0.0
+        if n_fsdp > 1:
+            dp += (n_fsdp - 1) / n_fsdp * stage_params * (2 * act_bytes + reduce_b) / \
+                group_bandwidth(dims, ("dp_shard", "sp"), rates)
+        if r > 1:
+            dp += 2 * (r - 1) / r * params_per_rank * reduce_b / group_bandwidth(dims, ("dp_replicate",), rates)
+        terms["dp comm (exposed)"] = max(0.0, dp - compute) + dp / max(1, nb["forward"])
+    # ---- pipeline: 1F1B bubble and the stage-to-stage sends ------------------------------------
+    if dims.pp > 1:
+        micro = max(1, min(cfg.data.batch_size, cfg.parallel.pp_microbatches or 2 * dims.pp))
+        virtual = cfg.parallel.pp_virtual_stages if cfg.parallel.pp_schedule in ("interleaved_1f1b", "zero_bubble") else 1
+        sends = 2 * T * m.dim * act_bytes / group_bandwidth(dims, ("pp",), rates)
+        terms["pipeline bubble"] = (dims.pp - 1) / (micro * virtual) * compute + sends
     # ---- optimizer -----------------------------------------------------------------------------
     n_local = params_per_rank
     if pol.optimizer_offload or pol.fsdp_cpu_offload:

@@ -248,3 +248,18 @@ def test_sbatch_script_quotes_paths_with_a_space(tmp_path):
                          [f"logging.run_dir={run_dir}"])
     assert f'#SBATCH --output="{run_dir}/slurm-%j.out"' in text
     assert f"NOTES='{run_dir}/launch'/exit-notes-" in text and f"'logging.run_dir={run_dir}'" in text
+
+
+def test_ray_ranks_are_numbered_node_by_node_and_every_worker_names_its_host():
+    from longtrain.launch.ray_backend import rank_order
+
+    # SPREAD deals bundles round-robin; the mesh wants each node's ranks contiguous (dp_shard inside)
+    assert rank_order(["a", "b", "a", "b"]) == [0, 2, 1, 3]
+    assert rank_order(["b", "a", "b", "a", "b", "a"]) == [0, 2, 4, 1, 3, 5]
+    assert rank_order(["a", "a", "b", "b"]) == [0, 1, 2, 3]
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
+           "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "2950"}
+    w = normalize_env(env)
+    import socket
+
+    assert w.node_rank == 1 and f"on host {socket.gethostname()} (node 1)" in w.describe()
