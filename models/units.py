@@ -100,7 +100,7 @@ def unit_cost(m, unit: Unit, seq_len: int) -> float:
     if unit.kind == BLOCK:
         return 2.0 * costs.block_matmul_params(m) + attn
     if unit.kind == LOOP:
-        return 2.0 * costs.loop_iteration_matmul_params(m, unit.index) + m.n_core * attn
+        return 2.0 * costs.loop_iteration_matmul_params(m, unit.index) + costs.core_mixer_flops_per_token(m, seq_len, True)
     if unit.kind == HEAD:
         return 2.0 * costs.head_matmul_params(m) + costs.loss_flops_per_token(m)
     raise ValueError(f"unit {unit.name!r} has kind {unit.kind!r}; models.units.unit_cost knows "
