@@ -25,8 +25,10 @@ input and output travel between pipeline stages and whose streams must stay on t
 dimension so tensor parallel's sequence shard (``Shard(1)``) and Ulysses' token split apply to the
 widened state unchanged. Its module would also bring einops-built parameters that tensor parallel
 would have to be taught to replicate. The operations are four einsums; ``forward`` takes ONE tensor
-(streams and delta concatenated) so tensor parallel can run it like any token-wise module
-(``SequenceParallel``: replicated weights, sequence-sharded input, gradients summed over tp).
+(streams and delta concatenated) and the rest as keywords (``op=``, ``i=``), so tensor parallel can
+run it like any token-wise module (``SequenceParallel`` converts the one positional input to a
+sequence-sharded DTensor and drops other positionals; its weights are replicated and their
+gradients summed over tp).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class HyperStreams(nn.Module):
         self.write_w.fill_(1.0)
         self.out_w.fill_(1.0 / n)
 
-    def forward(self, x: torch.Tensor, op: str, i: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, op: str, i: int = 0) -> torch.Tensor:
         """``op`` on ``x`` (last dimension: d for expand, n*d for read and reduce, (n+1)*d for
         write: the streams, then the iteration's delta); ``i`` the iteration."""
         n, d = self.n, self.dim

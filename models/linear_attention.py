@@ -94,7 +94,7 @@ def _segment_sums(g: torch.Tensor) -> torch.Tensor:
 
 
 def gated_delta_chunked(q, k, v, g, beta, scale: float, doc_ids=None, chunk: int = CHUNK) -> torch.Tensor:
-    """The recurrence of the module docstring, chunk-parallel, in float32.
+    """The recurrence of the module docstring, chunk-parallel, in float32 (float64 inputs: float64).
 
     q, k: [B, S, H, Dk] (already L2-normalised), v: [B, S, H, Dv], g (log decay, <= 0) and beta:
     [B, S, H], doc_ids: [B, S] or None. Returns [B, S, H, Dv] in v's dtype.
@@ -104,14 +104,15 @@ def gated_delta_chunked(q, k, v, g, beta, scale: float, doc_ids=None, chunk: int
     and A_tj = beta_t (gamma_t / gamma_j) k_t.k_j for j < t: a unit-triangular solve, the same for
     every chunk, which leaves one [Dk, Dv] state hand-over per chunk sequential.
     """
-    with torch.autocast(q.device.type, enabled=False):  # the reference is float32 throughout
-        return _chunked_fp32(q, k, v, g, beta, scale, doc_ids, chunk).to(v.dtype)
+    with torch.autocast(q.device.type, enabled=False):  # at least float32 throughout
+        return _chunked(q, k, v, g, beta, scale, doc_ids, chunk).to(v.dtype)
 
 
-def _chunked_fp32(q, k, v, g, beta, scale: float, doc_ids, chunk: int) -> torch.Tensor:
+def _chunked(q, k, v, g, beta, scale: float, doc_ids, chunk: int) -> torch.Tensor:
     B, S, H, Dk = q.shape
     Dv = v.shape[-1]
-    q, k, v, g, beta = (t.float() for t in (q, k, v, g, beta))
+    dtype = torch.promote_types(v.dtype, torch.float32)  # float64 inputs stay float64 (tests)
+    q, k, v, g, beta = (t.to(dtype) for t in (q, k, v, g, beta))
     if doc_ids is not None:
         g = g.masked_fill(document_starts(doc_ids)[..., None], float("-inf"))
     pad = (-S) % chunk

@@ -226,7 +226,9 @@ class Looped(DescribedModel):
         n_pre, n_core = self.cfg.n_prelude, self.cfg.n_core
         out = [BlockRef(int(i), f"prelude.{i}", b) for i, b in self.prelude.items()]
         if self.core is not None:
-            out += [BlockRef(n_pre + int(j), f"core.layers.{j}", b, in_loop=True) for j, b in self.core.layers.items()]
+            mixers = core_mixers(self.cfg)
+            out += [BlockRef(n_pre + int(j), f"core.layers.{j}", b, in_loop=True, mixer=mixers[int(j)])
+                    for j, b in self.core.layers.items()]
         return out + [BlockRef(n_pre + n_core + int(i), f"coda.{i}", b) for i, b in self.coda.items()]
 
     def shard_units(self) -> list[ShardUnit]:
@@ -287,7 +289,7 @@ class Looped(DescribedModel):
                 h, e = x.split([x.shape[-1] - self.cfg.dim, self.cfg.dim], dim=-1)
         for u in units:
             if wide and u.kind != LOOP:  # the first unit after the loop takes one stream in
-                h, wide = self.hyper(h, REDUCE), False
+                h, wide = self.hyper(h, op=REDUCE), False
             if u.kind == EMBEDDING:
                 h = self.tok_embeddings(h)
             elif u.kind == BLOCK:
@@ -297,7 +299,7 @@ class Looped(DescribedModel):
                     if self.hyper is None:
                         h = self.core(self.reinject(h, e, u.index), u.index, cos, sin, doc_ids)
                     else:
-                        h, wide = self._hyper_iteration(h if wide else self.hyper(h, EXPAND), e, u.index,
+                        h, wide = self._hyper_iteration(h if wide else self.hyper(h, op=EXPAND), e, u.index,
                                                         cos, sin, doc_ids), True
             else:
                 return self.head(h, labels)
@@ -307,9 +309,9 @@ class Looped(DescribedModel):
 
     def _hyper_iteration(self, streams, e, i: int, cos, sin, doc_ids):
         """One iteration on the streams: read the core's input, write back what it added."""
-        x = self.hyper(streams, READ, i)
+        x = self.hyper(streams, op=READ, i=i)
         delta = self.core(self.reinject(x, e, i), i, cos, sin, doc_ids) - x
-        return self.hyper(torch.cat([streams, delta], dim=-1), WRITE, i)
+        return self.hyper(torch.cat([streams, delta], dim=-1), op=WRITE, i=i)
 
     def forward(self, tokens, position_ids=None, doc_ids=None, labels=None, n_loops: int | None = None):
         """The whole model with ``n_loops`` iterations (default ``model.loops``), or, once

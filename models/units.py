@@ -60,13 +60,16 @@ class Unit:
 @dataclass(frozen=True)
 class BlockRef:
     """A transformer block: its global index (``memory.recompute_layers`` selects by it), its
-    qualified name, the module, and whether it runs once per loop iteration (inside a looped core,
-    whose per-iteration state ``snapshot_loop_index`` saves and restores)."""
+    qualified name, the module, whether it runs once per loop iteration (inside a looped core,
+    whose per-iteration state ``snapshot_loop_index`` saves and restores), and its token mixer:
+    ``full`` (softmax attention) or ``gdn`` (a gated delta rule layer, ``models.linear_attention``),
+    which decides its tensor-parallel plan."""
 
     index: int
     name: str
     module: nn.Module
     in_loop: bool = False
+    mixer: str = "full"
 
 
 @dataclass(frozen=True)
