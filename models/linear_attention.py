@@ -40,6 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longtrain.config import ConfigError
+
 GDN_KERNELS = ("auto", "fla", "reference")
 CHUNK = 64  # tokens per chunk, fla's size too (models.costs prices the chunked form with it)
 
@@ -61,7 +63,7 @@ def select_gdn_kernel(requested: str, device: torch.device) -> str:
     if requested == "auto":
         return "fla" if device.type == "cuda" and fla_available() else "reference"
     if requested == "fla" and not (device.type == "cuda" and fla_available()):
-        raise RuntimeError(f"model.gdn_kernel=fla needs a CUDA device and flash-linear-attention "
+        raise ConfigError(f"model.gdn_kernel=fla needs a CUDA device and flash-linear-attention "
                            f"(pip install flash-linear-attention); this run has device {device.type}"
                            f"{'' if fla_available() else ' and no fla package'}; set model.gdn_kernel=auto.")
     return requested

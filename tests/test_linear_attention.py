@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from longtrain.config import ConfigError
+
 from longtrain.models.linear_attention import (GatedDeltaNet, document_starts, gated_delta_chunked,
                                                select_gdn_kernel)
 
@@ -85,7 +87,7 @@ def test_document_start_empties_the_state():
 def test_kernel_rule_picks_the_reference_on_cpu_and_refuses_forced_fla():
     assert select_gdn_kernel("auto", torch.device("cpu")) == "reference"
     assert select_gdn_kernel("reference", torch.device("cpu")) == "reference"
-    with pytest.raises(RuntimeError, match="model.gdn_kernel=fla needs a CUDA device"):
+    with pytest.raises(ConfigError, match="model.gdn_kernel=fla needs a CUDA device"):
         select_gdn_kernel("fla", torch.device("cpu"))
 
 
