@@ -63,3 +63,27 @@ def test_gdn_hyper_looped_model_matches_single_process(layout):
             assert placements[f"core.layers.0.attention.{name}.weight"].endswith("Shard(dim=0))"), placements
         assert placements["core.layers.0.attention.wa.bias"].endswith("Shard(dim=0))"), placements
         assert placements["hyper.mix"].endswith("Replicate())"), placements
+
+
+def compare_pipeline_in_float64(*args):
+    import torch
+
+    from test_pipeline_equivalence import compare_pipeline
+
+    torch.set_default_dtype(torch.float64)
+    return compare_pipeline(*args)
+
+
+def test_gdn_hyper_looped_model_on_two_pipeline_stages_matches_single_process():
+    """The core's iterations on both stages: what crosses the cut is the hyper streams and the
+    prelude output side by side ([B, S, (n + 1) d]); the stage after the loop reduces them."""
+    from test_pipeline_equivalence import LOOPED as PP_LOOPED
+
+    over = PP_LOOPED + ["model.core_attention=[gdn,full]", "model.hyper_streams=2"]
+    results = run_distributed(compare_pipeline_in_float64, 2, over, {"pp": 2, "pp_schedule": "1f1b"},
+                              init_process_group=False)
+    assert results[0]["core_stages"] == [0, 1], results[0]["pipeline"]
+    for rank, r in enumerate(results):
+        msg = f"rank {rank}: {r}"
+        assert max(r["loss"], r["norm1"], r["norm"], r["grad"]) < LOSS_RTOL, msg
+        assert r["clipped"], msg
