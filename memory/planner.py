@@ -52,6 +52,12 @@ Per policy (per token and layer):
     tiled MLP ... the chunk checkpoints keep the ffn-norm output (r·d) instead of its casts and the
                   4·a·f/t MLP intermediates; one chunk's worth is recomputed at a time
 The head's norm also keeps the last block's output, r·d/t per token (tiled or not).
+Looped variants: a gated delta rule core layer keeps its own terms (``gdn_block_saved_terms``:
+six casts of the norm output, q and k before and after their L2 norm, v, the gates, the kernel's
+fp32 [T, h, 64] chunk matrix, the output norm and gate; no rotary) and ``selective`` recomputes
+it whole; a core block counts the average over the core's layers. Hyper-connected streams keep
+r·(2n+1)·d/t per token and iteration outside the blocks (read input, write input). A loop
+schedule is planned at its largest count. These terms come from the code, not yet from a GPU.
 
 The peak is not the sum of everything: gradients are set to None after each step, so they grow
 during backward while the activations shrink; the large transients of the loss and of one
