@@ -10,7 +10,7 @@ S in R^{d_k x d_v}, a decay alpha_t = exp(g_t) in (0, 1] and a write strength be
 
     S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,     o_t = scale * S_t^T q_t
 
-q and k are L2-normalised per head. Cost per token is O(d_k d_v) per head, independent of the
+q and k are L2-normalised per head (inside the core). Cost per token is O(d_k d_v) per head, independent of the
 sequence length: this is what makes a looped core cheap at a million tokens. A document start
 sets alpha_t = 0 (g_t = -inf), which empties the state exactly, so packed documents never see each
 other -- the block-diagonal mask of attention, for free.
@@ -150,10 +150,12 @@ def _chunked(q, k, v, g, beta, scale: float, doc_ids, chunk: int) -> torch.Tenso
 
 
 def _gated_delta_fla(q, k, v, g, beta, scale: float, doc_ids=None) -> torch.Tensor:
+    """fla's chunked kernel; q and k are L2-normalised inside it (fused, in float32)."""
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
+    q, k, beta = q.to(v.dtype), k.to(v.dtype), beta.to(v.dtype)  # one dtype for the kernel's inputs
     if doc_ids is None:
-        out, _ = chunk_gated_delta_rule(q, k, v, g.float(), beta, scale=scale)
+        out, _ = chunk_gated_delta_rule(q, k, v, g.float(), beta, scale=scale, use_qk_l2norm_in_kernel=True)
         return out
     B, S = doc_ids.shape
     # packed documents: the batch flattened into one row, each document its own sequence
@@ -162,13 +164,14 @@ def _gated_delta_fla(q, k, v, g, beta, scale: float, doc_ids=None) -> torch.Tens
     begin = torch.nonzero(starts.reshape(-1)).flatten()
     cu = torch.cat([begin, begin.new_tensor([B * S])])
     flat = [t.reshape(1, B * S, *t.shape[2:]) for t in (q, k, v, g.float(), beta)]
-    out, _ = chunk_gated_delta_rule(*flat, scale=scale, cu_seqlens=cu)
+    out, _ = chunk_gated_delta_rule(*flat, scale=scale, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
     return out.reshape(v.shape)
 
 
 class GatedDeltaCore(nn.Module):
     """(q, k, v, g, beta) -> output over whole sequences, head by head; ``parallel.ulysses`` wraps
-    it like ``CoreAttention``."""
+    it like ``CoreAttention``. q and k arrive unnormalised: the L2 norm per head is part of the
+    core, fused into fla's kernel and in float32 before the reference."""
 
     def __init__(self, kernel: str = "auto"):
         super().__init__()
@@ -180,6 +183,9 @@ class GatedDeltaCore(nn.Module):
         scale = q.shape[-1] ** -0.5
         if select_gdn_kernel(self.kernel, q.device) == "fla":
             return _gated_delta_fla(q, k, v, g, beta, scale, doc_ids)
+        wide = torch.promote_types(v.dtype, torch.float32)
+        with torch.autocast(q.device.type, enabled=False):
+            q, k = (F.normalize(t.to(wide), dim=-1) for t in (q, k))
         return gated_delta_chunked(q, k, v, g, beta, scale, doc_ids)
 
 
@@ -219,9 +225,7 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x, cos=None, sin=None, doc_ids=None):
         shape = (*x.shape[:2], -1, self.head_dim)  # head count from the projection: tp-local heads
-        q = F.normalize(self.wq(x).view(shape), dim=-1)
-        k = F.normalize(self.wk(x).view(shape), dim=-1)
-        v = self.wv(x).view(shape)
+        q, k, v = self.wq(x).view(shape), self.wk(x).view(shape), self.wv(x).view(shape)
         g = -F.softplus(self.wa(x).float())
         beta = torch.sigmoid(self.wb(x))
         out = self.core(q, k, v, g, beta, doc_ids)
