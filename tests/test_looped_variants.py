@@ -110,3 +110,24 @@ def test_resume_mid_schedule_equals_uninterrupted_with_gdn_and_hyper_streams(tmp
     check(tmp_path, 1, ("model.arch=looped", "model.n_prelude=1", "model.n_core=2", "model.n_coda=1",
                         "model.loops=2", "model.loops_max=4", SCHEDULE, "model.core_attention=[gdn, full]",
                         "model.hyper_streams=2", "model.lora_rank=2"))
+
+
+def test_eval_of_a_hyper_streams_checkpoint_stops_at_loops_max(tmp_path):
+    """Hyper-connection tables are indexed by iteration like LoRA's: ``longtrain eval`` keeps the
+    checkpoint's loops_max instead of building a wider model its weights cannot load into."""
+    import json
+
+    from longtrain.cli import main
+    from longtrain.trainer.train import train
+
+    run = tmp_path / "run"
+    train(load_config("tiny", TINY + ["model.vocab_size=264", "model.max_seq_len=128", "model.hyper_streams=2", "model.core_attention=[gdn, full]",
+                                      "data.seq_len=128",
+                                      "data.batch_size=2", "data.stdlib_mb=0.25", "data.eval_fraction=0.1",
+                                      "schedule.steps=1", "schedule.warmup_steps=0", "schedule.eval_every=0",
+                                      "logging.progress=false", "logging.tensorboard=false", f"logging.run_dir={run}"]))
+    assert main(["eval", str(run), "eval.batches=1", "eval.passkey_trials=1", "eval.passkey_depths=[0.5]",
+                 "eval.plots=false", "eval.loops=[1, 4, 6]"]) == 0
+    r = json.loads((run / "eval" / "step-1.json").read_text())
+    assert [x["loops"] for x in r["loss_vs_loops"]] == [1, 4]
+    assert "model.hyper_streams > 1" in r["loops_note"]
