@@ -114,7 +114,7 @@ def main(argv=None) -> int:
             else:
                 print(f"{S:>8} {str(docs):>5} {'-':>9} {'-':>20} {rec['fla_ms']:>8.2f} {'-':>8} {'-':>6}", file=sys.stderr)
             print(json.dumps(rec), flush=True)
-            del xs, doc_ids, dout
+            xs = doc_ids = dout = None  # free this case's tensors before the next
             torch.cuda.empty_cache()
     return 1 if bad else 0
 
