@@ -81,6 +81,11 @@ class ModelConfig:
     lora_rank: int = 0  # per-loop LoRA on the core's projections; 0 = off
     lora_alpha: float = 16.0
     reinject: Literal["none", "add", "concat"] = "add"
+    # [[step, loops], ...]: the training loop count from each step on (growing depth); [] = model.loops
+    loop_schedule: list = field(default_factory=list)
+    core_attention: list = field(default_factory=list)  # per core layer "full" or "gdn"; [] = all full
+    gdn_kernel: Literal["auto", "fla", "reference"] = "auto"  # auto: fla on CUDA when installed
+    hyper_streams: int = 1  # residual streams mixed after each loop iteration (Hyperloop); 1 = off
 
     @property
     def head_dim(self) -> int:
@@ -364,6 +369,32 @@ _NON_NEGATIVE = {
 }
 
 
+def _check_looped_variants(m: ModelConfig, pp: int) -> None:
+    """Growing depth, the core's mixer per layer and hyper-connected streams."""
+    if m.hyper_streams < 1:
+        raise ConfigError(f"model.hyper_streams={m.hyper_streams} must be >= 1 (1 = one residual stream, off).")
+    if m.core_attention and (len(m.core_attention) != m.n_core
+                             or not set(m.core_attention) <= {"full", "gdn"}):
+        raise ConfigError(f"model.core_attention={m.core_attention} must list 'full' or 'gdn' for each of the "
+                          f"model.n_core={m.n_core} core layers, e.g. {(['full'] + ['gdn'] * 3)[:m.n_core]}, or be [].")
+    if not m.loop_schedule:
+        return
+    ok = all(isinstance(e, list) and len(e) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in e)
+             for e in m.loop_schedule)
+    steps = [e[0] for e in m.loop_schedule] if ok else []
+    if not ok or steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:])) \
+            or not all(1 <= e[1] <= m.loops_max for e in m.loop_schedule):
+        raise ConfigError(f"model.loop_schedule={m.loop_schedule} must be [[step, loops], ...] with steps rising from "
+                          f"0 and loops in [1, model.loops_max={m.loops_max}], e.g. [[0, 1], [2000, 2], [6000, 4]].")
+    if m.loop_sampling == "uniform":
+        raise ConfigError("model.loop_schedule with model.loop_sampling=uniform: uniform draws up to loops_max "
+                          "whatever the scheduled count; use loop_sampling=fixed (the scheduled count) or "
+                          "poisson (drawn around it).")
+    if pp > 1:
+        raise ConfigError(f"model.loop_schedule with parallel.pp={pp}: pipeline stages are cut for one fixed loop "
+                          f"count; drop the schedule or set parallel.pp=1.")
+
+
 def _divisors(n: int) -> str:
     return "{" + ", ".join(str(d) for d in range(1, n + 1) if n % d == 0) + "}"
 
@@ -397,6 +428,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"model.loops={m.loops} exceeds model.loops_max={m.loops_max}; raise loops_max.")
         if m.backprop_loops > m.loops_max:
             raise ConfigError(f"model.backprop_loops={m.backprop_loops} exceeds model.loops_max={m.loops_max}.")
+        _check_looped_variants(m, cfg.parallel.pp)
+    elif m.loop_schedule or m.core_attention or m.hyper_streams != 1:
+        raise ConfigError("model.loop_schedule, model.core_attention and model.hyper_streams apply to the looped "
+                          "core; set model.arch=looped or leave them at their defaults ([], [], 1).")
     if not 0.0 <= cfg.memory.offload_fraction <= 1.0:
         raise ConfigError(f"memory.offload_fraction={cfg.memory.offload_fraction} must be in [0, 1]: the share of "
                           f"each saved tensor sent to the CPU; set a value between 0 and 1.")

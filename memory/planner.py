@@ -52,6 +52,12 @@ Per policy (per token and layer):
     tiled MLP ... the chunk checkpoints keep the ffn-norm output (r·d) instead of its casts and the
                   4·a·f/t MLP intermediates; one chunk's worth is recomputed at a time
 The head's norm also keeps the last block's output, r·d/t per token (tiled or not).
+Looped variants: a gated delta rule core layer keeps its own terms (``gdn_block_saved_terms``:
+six casts of the norm output, q and k before and after their L2 norm, v, the gates, the kernel's
+fp32 [T, h, 64] chunk matrix, the output norm and gate; no rotary) and ``selective`` recomputes
+it whole; a core block counts the average over the core's layers. Hyper-connected streams keep
+r·(2n+1)·d/t per token and iteration outside the blocks (read input, write input). A loop
+schedule is planned at its largest count. These terms come from the code, not yet from a GPU.
 
 The peak is not the sum of everything: gradients are set to None after each step, so they grow
 during backward while the activations shrink; the large transients of the loss and of one
@@ -111,7 +117,8 @@ import torch
 from longtrain.config import Config, ConfigError
 from longtrain.memory.step_time import H200, Rates, StepTime, step_time
 from longtrain.models.attention import selective_recompute_supported
-from longtrain.models.costs import count_params
+from longtrain.models.costs import GDN_CHUNK, core_mixers, count_params
+from longtrain.models.looped import planned_loops
 from longtrain.parallel.mesh import ParallelDims
 from longtrain.parallel.precision import fsdp_wraps
 
@@ -311,11 +318,29 @@ def block_saved_terms(m, lay: ParallelDims, a: int, r: int | None = None, tiled_
     }
 
 
+def gdn_block_saved_terms(m, lay: ParallelDims, a: int, r: int | None = None, tiled_mlp: bool = False) -> dict:
+    """``block_saved_terms`` for a gated delta rule core layer (``models.linear_attention``): six
+    projections read the norm output; q and k are saved before and after their L2 norm, v, the
+    fp32 log decay (softplus in and out) and beta; the kernel keeps its per-chunk triangular
+    matrix (fla: fp32 [T, heads, 64]); the output's per-head norm, the gate (silu in and out) and
+    their product (wo's input). No rotary. Estimated from the code, not yet measured."""
+    r = a if r is None else r
+    terms = block_saved_terms(m, lay, a, r, tiled_mlp)
+    w = _widths(m, lay)
+    qd, h, d = w["qd"], w["h"], w["d"]
+    terms.update({"attention_norm out": (6 if r != a else 1) * a * d, "rotary": 0,
+                  "q k v": a * 5 * qd + 8 * h + 2 * a * h,
+                  "attention out": 4 * a * qd + 4 * h + 4 * GDN_CHUNK * h})
+    return terms
+
+
 def layer_activation_bytes(m, lay: ParallelDims, a: int, mode: str = "none", selective_save: str = "attention",
-                           tiled_mlp: bool = False, r: int | None = None) -> float:
+                           tiled_mlp: bool = False, r: int | None = None, mixer: str = "full") -> float:
     """Bytes saved per token by one block under ``mode`` (the formulae of the module docstring).
 
-    ``r``: bytes of the residual stream (see ``residual_bytes``); defaults to ``a``.
+    ``r``: bytes of the residual stream (see ``residual_bytes``); defaults to ``a``. ``mixer``:
+    ``gdn`` for a gated delta rule layer, which ``selective`` recomputes whole (its kernel is not
+    one of the attention ops ``memory.selective`` keeps; its recurrence is linear in length).
     """
     r = a if r is None else r
     w = _widths(m, lay)
@@ -323,21 +348,22 @@ def layer_activation_bytes(m, lay: ParallelDims, a: int, mode: str = "none", sel
     if mode == "full":
         return r * dt
     if mode == "selective":
-        keep = r * dt + a * qd + 4 * h
+        keep = r * dt + (a * qd + 4 * h if mixer == "full" else 0)
         mm = a * (qd + 2 * kvd + 2 * d + 2 * f)
         if selective_save == "attention+mm":
             keep += mm
         elif selective_save == "attention+half_mm":
             keep += mm / 2
         return keep
-    return sum(block_saved_terms(m, lay, a, r, tiled_mlp).values())
+    saved = gdn_block_saved_terms if mixer == "gdn" else block_saved_terms
+    return sum(saved(m, lay, a, r, tiled_mlp).values())
 
 
 def _blocks_per_rank(m, lay: ParallelDims) -> dict:
     """Blocks executed with a graph on the busiest pipeline stage: {'plain': n, 'core_calls': k}."""
     if m.arch == "llama":
         return {"plain": math.ceil(m.n_layers / lay.pp), "core_iters": 0}
-    loops = m.loops if m.loop_sampling == "fixed" else m.loops_max
+    loops = planned_loops(m)  # the largest of a loop schedule; loops_max when sampled
     iters = min(loops, m.backprop_loops or loops)
     # the pipeline splits unrolled layers; the core's iterations dominate the busiest stage
     return {"plain": math.ceil((m.n_prelude + m.n_coda) / lay.pp), "core_iters": math.ceil(iters / lay.pp)}
@@ -407,21 +433,28 @@ def saved_activation_terms(cfg: Config, lay: ParallelDims, pol: Policy, sh: _Sha
     """
     m, T, dt = cfg.model, sh.T, sh.w["dt"]
     mode = pol.recompute
-    per_block = layer_activation_bytes(m, lay, sh.a, mode, pol.selective_save, bool(pol.tiled_mlp), sh.r)
+    def kept(mixer):
+        return layer_activation_bytes(m, lay, sh.a, mode, pol.selective_save, bool(pol.tiled_mlp), sh.r, mixer)
+
+    per_block = kept("full")
     core_blocks = sh.nb["core_iters"] * m.n_core if m.arch == "looped" else 0
+    # a core block keeps the average over the core's layers (gated delta rule layers keep their own)
+    per_core = sum(kept(x) for x in core_mixers(m)) / m.n_core if core_blocks else per_block
     inputs = sh.r * dt  # a checkpoint's input per token
     ckpt, other = 0.0, 0.0
-    for n in ([sh.nb["plain"]] + ([] if pol.recompute_loops else [core_blocks])):
+    for n, per in ([(sh.nb["plain"], per_block)] + ([] if pol.recompute_loops else [(core_blocks, per_core)])):
         if mode == "none":
-            other += per_block * n * T
+            other += per * n * T
         else:
             ckpt += inputs * n * T
-            other += (per_block - inputs) * n * T
+            other += (per - inputs) * n * T
     if core_blocks and pol.recompute_loops:
         ckpt += inputs * sh.nb["core_iters"] * T
     phi = pol.offload_fraction
     if phi and mode in ("none", "selective"):  # everything kept goes through the offloader
         ckpt, other = ckpt + other, 0.0
+    if m.arch == "looped" and m.hyper_streams > 1:  # the streams each iteration's read and write keep
+        other += sh.r * (2 * m.hyper_streams + 1) * dt * sh.nb["core_iters"] * T
     gpu = {"activations": other + (1 - phi) * ckpt,
            # the head's norm keeps the last block's output (a tiled loss keeps it too: its chunks are views)
            "head input": (sh.r * dt + 4 / lay.tp) * T}

@@ -56,8 +56,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from longtrain.models.costs import (attention_flops_per_token, block_matmul_params, head_matmul_params,
-                                    lora_matmul_params, reinject_params)
+from longtrain.models.costs import (attention_flops_per_token, block_matmul_params, core_mixer_flops_per_token,
+                                    core_mixers, head_matmul_params, lora_matmul_params, reinject_params)
+from longtrain.models.looped import planned_loops
 
 GB = 1e9
 
@@ -110,13 +111,24 @@ def group_bandwidth(dims, names: tuple, rates: Rates) -> float:
     return rates.all_to_all if span <= rates.gpus_per_node else rates.inter_node
 
 
+def _mixer_flops_per_block(m, S: int) -> float:
+    """Forward token-mixing FLOPs per token of the average block: softmax attention, or for a
+    looped core with gated delta rule layers the unrolled mix of both (the gdn recurrence priced
+    at the attention kernel's rate: an approximation, unmeasured)."""
+    attn = attention_flops_per_token(m, S, causal=True)
+    if m.arch == "llama" or "gdn" not in core_mixers(m):
+        return attn
+    loops, ends = planned_loops(m), m.n_prelude + m.n_coda
+    return (ends * attn + loops * core_mixer_flops_per_token(m, S, True)) / (ends + loops * m.n_core)
+
+
 def _blocks(m, pp: int) -> dict:
     """Blocks on the busiest pipeline stage: run forward, run with a graph, of them in a looped
     core (whose iterations ``recompute_loops`` recomputes once more)."""
     if m.arch == "llama":
         n = math.ceil(m.n_layers / pp)
         return {"forward": n, "graph": n, "core": 0}
-    loops = m.loops if m.loop_sampling == "fixed" else m.loops_max
+    loops = planned_loops(m)
     graph_iters = min(loops, m.backprop_loops or loops)
     ends = m.n_prelude + m.n_coda
     return {"forward": math.ceil((ends + m.n_core * loops) / pp),
@@ -155,7 +167,7 @@ def step_time(cfg, dims, pol, host_bytes: float, params_per_rank: float, act_byt
     head = head_matmul_params(m) / t
     # a looped core iteration's LoRA deltas and re-injection, spread over its blocks
     lora = (lora_matmul_params(m) + reinject_params(m)) / max(1, m.n_core) / t if m.arch == "looped" else 0.0
-    attn_fwd = attention_flops_per_token(m, S, causal=True) * T / t  # per block, FLOPs
+    attn_fwd = _mixer_flops_per_block(m, S) * T / t  # per block, FLOPs
     attn_time_fwd = attn_fwd / at_rate  # the rate counts fwd+bwd with bwd = 2.5x fwd: forward alone at it
     # forward of every block (graph or not), backward of the graph blocks, the head fwd + bwd
     mm_flops = 2 * T * blk * nb["forward"] + 4 * T * blk * nb["graph"] + 6 * T * head

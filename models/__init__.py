@@ -6,7 +6,7 @@ before it exists (``models.units``); ``models.costs`` prices it from the config.
 """
 
 from longtrain.models.llama import Llama
-from longtrain.models.looped import Looped, sample_loops
+from longtrain.models.looped import Looped, loops_at, planned_loops, sample_loops
 from longtrain.models.units import DescribedModel, Unit
 
 _ARCHS = {"llama": Llama, "looped": Looped}
@@ -33,4 +33,4 @@ def build_model(cfg) -> DescribedModel:
     return model_class(cfg)(cfg)
 
 
-__all__ = ["DescribedModel", "Llama", "Looped", "Unit", "build_model", "model_class", "sample_loops", "units_of"]
+__all__ = ["DescribedModel", "Llama", "Looped", "Unit", "build_model", "model_class", "loops_at", "planned_loops", "sample_loops", "units_of"]

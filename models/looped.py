@@ -12,6 +12,14 @@ iteration on, the prelude output ``e`` is re-injected (``add``: s + e; ``concat`
 projection of [s, e]). With R=1 the model is therefore exactly the plain stack
 prelude + core + coda. Truncated backprop runs the first R-B iterations without building a
 graph, so the shared weights get gradient only from the last B (``Unit.builds_graph``).
+
+Variants of the loop (issue 24): ``model.core_attention`` makes chosen core layers gated delta
+rule layers (``models.linear_attention``: linear in the sequence length) instead of softmax
+attention; ``model.hyper_streams = n > 1`` carries n residual streams between iterations, mixed
+after each (``models.hyper``); ``model.loop_schedule`` raises the training loop count as training
+goes on (``loops_at``, a function of the step alone, so a resumed run continues the schedule
+exactly). Between units the hyper-connected state is the n streams side by side, ``[B, S, n*d]``;
+the first unit after the loop reduces them to one.
 """
 
 from __future__ import annotations
@@ -21,6 +29,9 @@ import math
 import torch
 import torch.nn as nn
 
+from longtrain.models.costs import core_mixers
+from longtrain.models.hyper import EXPAND, READ, REDUCE, WRITE, HyperStreams
+from longtrain.models.linear_attention import GatedDeltaNet
 from longtrain.models.llama import Block, LMHead, init_block_, positions_for
 from longtrain.models.rope import Rotary
 from longtrain.models.units import (BLOCK, EMBEDDING, HEAD, LOOP, BlockRef, DescribedModel, LoRAPoint, ShardUnit,
@@ -60,12 +71,20 @@ class _LoRAHook:
         return output + self.core.lora[self.key].delta(args[0], self.core.loop_index)
 
 
+def core_block(cfg, mixer: str) -> Block:
+    """A core layer: a ``Block`` whose ``attention`` is a gated delta rule layer for ``gdn``."""
+    block = Block(cfg)
+    if mixer == "gdn":
+        block.attention = GatedDeltaNet(cfg.dim, cfg.n_heads, cfg.gdn_kernel)
+    return block
+
+
 class LoopedCore(nn.Module):
     """The shared block of ``n_core`` layers; ``forward(x, i, ...)`` runs iteration ``i``."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.layers = nn.ModuleDict({str(j): Block(cfg) for j in range(cfg.n_core)})
+        self.layers = nn.ModuleDict({str(j): core_block(cfg, mixer) for j, mixer in enumerate(core_mixers(cfg))})
         self.lora = nn.ModuleDict()
         self.loop_index = 0
         self._lora_keys: dict[str, tuple[str, str]] = {}  # lora key -> (layer key, linear's path in the block)
@@ -90,16 +109,40 @@ class LoopedCore(nn.Module):
         return x
 
 
+def loops_at(cfg, step: int) -> int:
+    """The training loop count at ``step``: the last ``model.loop_schedule`` entry at or before
+    it, or ``model.loops`` without a schedule (the count evaluation always uses)."""
+    count = cfg.loops
+    for start, n in cfg.loop_schedule:
+        if step >= start:
+            count = n
+    return count
+
+
+def planned_loops(cfg) -> int:
+    """The most iterations a training step can run: what memory must be planned for."""
+    if cfg.loop_sampling != "fixed":
+        return cfg.loops_max
+    return max([cfg.loops] * (not cfg.loop_schedule) + [n for _, n in cfg.loop_schedule])
+
+
 def sample_loops(cfg, step: int, seed: int, training: bool) -> int:
-    """Loop count for one step: the same on every rank (a function of seed and step only)."""
-    if not training or cfg.loop_sampling == "fixed":
+    """Loop count for one step: the same on every rank (a function of seed and step only).
+
+    With ``model.loop_schedule`` the scheduled count ``loops_at(step)`` takes the place of
+    ``model.loops``: ``fixed`` runs it, ``poisson`` draws around it (``uniform`` is refused by the
+    config: its range is tied to ``loops_max``, not to the scheduled count)."""
+    if not training:
         return cfg.loops
+    mean = loops_at(cfg, step)
+    if cfg.loop_sampling == "fixed":
+        return mean
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     if cfg.loop_sampling == "uniform":
-        lo = max(1, 2 * cfg.loops - cfg.loops_max)
+        lo = max(1, 2 * mean - cfg.loops_max)
         r = int(torch.randint(lo, cfg.loops_max + 1, (1,), generator=g))
     else:  # poisson around the mean, at least 1
-        r = int(torch.poisson(torch.tensor([float(cfg.loops)]), generator=g)) or 1
+        r = int(torch.poisson(torch.tensor([float(mean)]), generator=g)) or 1
     return max(1, min(r, cfg.loops_max))
 
 
@@ -125,6 +168,7 @@ class Looped(DescribedModel):
         self.core = LoopedCore(cfg)
         self.coda = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_coda)})
         self.inject = nn.Linear(2 * cfg.dim, cfg.dim, bias=False) if cfg.reinject == "concat" else None
+        self.hyper = HyperStreams(cfg.dim, cfg.hyper_streams, cfg.loops_max) if cfg.hyper_streams > 1 else None
         self.head = LMHead(cfg.dim, cfg.vocab_size, cfg.norm_eps)
         if cfg.tie_embeddings:
             self.head.output.weight = self.tok_embeddings.weight
@@ -137,6 +181,10 @@ class Looped(DescribedModel):
         nn.init.normal_(self.tok_embeddings.weight, std=std)
         for block in [*self.prelude.values(), *self.core.layers.values(), *self.coda.values()]:
             init_block_(block, std, depth)
+            if isinstance(block.attention, GatedDeltaNet):
+                block.attention.reset_decay()
+        if self.hyper is not None:
+            self.hyper.reset_parameters()
         for lora in self.core.lora.values():
             lora.reset_parameters()
         if self.inject is not None:
@@ -165,18 +213,22 @@ class Looped(DescribedModel):
         n_loops = cfg.loops if n_loops is None else n_loops
         no_graph = n_loops - (cfg.backprop_loops or n_loops)
         inject = ("inject",) if cfg.reinject == "concat" else ()
+        hyper = ("hyper",) if cfg.hyper_streams > 1 else ()  # the loop units and the one reducing after them
+        after = [Unit(f"coda.{i}", BLOCK, (f"coda.{i}",) + (hyper if i == 0 else ()), index=i)
+                 for i in range(cfg.n_coda)]
         return ([Unit("tok_embeddings", EMBEDDING, ("tok_embeddings",))]
                 + [Unit(f"prelude.{i}", BLOCK, (f"prelude.{i}",), index=i) for i in range(cfg.n_prelude)]
-                + [Unit(f"core@{r}", LOOP, ("core",) + (inject if r >= 1 else ()), index=r,
+                + [Unit(f"core@{r}", LOOP, ("core",) + (inject if r >= 1 else ()) + hyper, index=r,
                         builds_graph=r >= no_graph) for r in range(n_loops)]
-                + [Unit(f"coda.{i}", BLOCK, (f"coda.{i}",), index=i) for i in range(cfg.n_coda)]
-                + [Unit("head", HEAD, ("head",))])
+                + after + [Unit("head", HEAD, ("head",) + (() if after else hyper))])
 
     def blocks(self) -> list[BlockRef]:
         n_pre, n_core = self.cfg.n_prelude, self.cfg.n_core
         out = [BlockRef(int(i), f"prelude.{i}", b) for i, b in self.prelude.items()]
         if self.core is not None:
-            out += [BlockRef(n_pre + int(j), f"core.layers.{j}", b, in_loop=True) for j, b in self.core.layers.items()]
+            mixers = core_mixers(self.cfg)
+            out += [BlockRef(n_pre + int(j), f"core.layers.{j}", b, in_loop=True, mixer=mixers[int(j)])
+                    for j, b in self.core.layers.items()]
         return out + [BlockRef(n_pre + n_core + int(i), f"coda.{i}", b) for i, b in self.coda.items()]
 
     def shard_units(self) -> list[ShardUnit]:
@@ -206,7 +258,7 @@ class Looped(DescribedModel):
         return self.head
 
     def token_wise_modules(self) -> list[tuple[str, nn.Module]]:
-        return [("inject", self.inject)] if self.inject is not None else []
+        return [(name, mod) for name, mod in (("inject", self.inject), ("hyper", self.hyper)) if mod is not None]
 
     def _carries_e(self, u: Unit) -> bool:
         """Whether the activation after ``u`` is ``[h, e]``: from the end of the prelude (the
@@ -228,25 +280,38 @@ class Looped(DescribedModel):
         Returns that activation, or after the head the logits (the summed loss with ``labels``)."""
         position_ids = positions_for(units, x, position_ids)
         cos, sin = self.rotary(position_ids)
-        h, e = x, None
+        h, e, wide = x, None, False  # wide: h holds the hyper-connected streams [.., n*d]
         if units[0].kind != EMBEDDING:
             every = self.units()
             before = every[[u.name for u in every].index(units[0].name) - 1]
+            wide = self.cfg.hyper_streams > 1 and before.kind == LOOP
             if self._carries_e(before):
-                h, e = x.chunk(2, dim=-1)
+                h, e = x.split([x.shape[-1] - self.cfg.dim, self.cfg.dim], dim=-1)
         for u in units:
+            if wide and u.kind != LOOP:  # the first unit after the loop takes one stream in
+                h, wide = self.hyper(h, op=REDUCE), False
             if u.kind == EMBEDDING:
                 h = self.tok_embeddings(h)
             elif u.kind == BLOCK:
                 h = self.get_submodule(u.modules[0])(h, cos, sin, doc_ids)
             elif u.kind == LOOP:
                 with torch.set_grad_enabled(torch.is_grad_enabled() and u.builds_graph):
-                    h = self.core(self.reinject(h, e, u.index), u.index, cos, sin, doc_ids)
+                    if self.hyper is None:
+                        h = self.core(self.reinject(h, e, u.index), u.index, cos, sin, doc_ids)
+                    else:
+                        h, wide = self._hyper_iteration(h if wide else self.hyper(h, op=EXPAND), e, u.index,
+                                                        cos, sin, doc_ids), True
             else:
                 return self.head(h, labels)
             if u.name == self._prelude_end():
                 e = h
         return torch.cat([h, e], dim=-1) if self._carries_e(units[-1]) else h
+
+    def _hyper_iteration(self, streams, e, i: int, cos, sin, doc_ids):
+        """One iteration on the streams: read the core's input, write back what it added."""
+        x = self.hyper(streams, op=READ, i=i)
+        delta = self.core(self.reinject(x, e, i), i, cos, sin, doc_ids) - x
+        return self.hyper(torch.cat([streams, delta], dim=-1), op=WRITE, i=i)
 
     def forward(self, tokens, position_ids=None, doc_ids=None, labels=None, n_loops: int | None = None):
         """The whole model with ``n_loops`` iterations (default ``model.loops``), or, once

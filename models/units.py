@@ -60,13 +60,16 @@ class Unit:
 @dataclass(frozen=True)
 class BlockRef:
     """A transformer block: its global index (``memory.recompute_layers`` selects by it), its
-    qualified name, the module, and whether it runs once per loop iteration (inside a looped core,
-    whose per-iteration state ``snapshot_loop_index`` saves and restores)."""
+    qualified name, the module, whether it runs once per loop iteration (inside a looped core,
+    whose per-iteration state ``snapshot_loop_index`` saves and restores), and its token mixer:
+    ``full`` (softmax attention) or ``gdn`` (a gated delta rule layer, ``models.linear_attention``),
+    which decides its tensor-parallel plan."""
 
     index: int
     name: str
     module: nn.Module
     in_loop: bool = False
+    mixer: str = "full"
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ def unit_cost(m, unit: Unit, seq_len: int) -> float:
     if unit.kind == BLOCK:
         return 2.0 * costs.block_matmul_params(m) + attn
     if unit.kind == LOOP:
-        return 2.0 * costs.loop_iteration_matmul_params(m, unit.index) + m.n_core * attn
+        return 2.0 * costs.loop_iteration_matmul_params(m, unit.index) + costs.core_mixer_flops_per_token(m, seq_len, True)
     if unit.kind == HEAD:
         return 2.0 * costs.head_matmul_params(m) + costs.loss_flops_per_token(m)
     raise ValueError(f"unit {unit.name!r} has kind {unit.kind!r}; models.units.unit_cost knows "

@@ -22,6 +22,10 @@ sums are reduce-scattered into the sequence shard); the output head is column-pa
 vocabulary with the logits all-gathered, so the cross-entropy is the plain, exact one (every tp
 rank computes the same loss sum; the trainer reduces losses over dp and sp only).
 
+Gated delta rule layers (``BlockRef.mixer == "gdn"``) split like attention, by head: q, k, v, the
+per-head decay and beta projections and the output gate column-parallel, ``wo`` row-parallel; the
+recurrence is per head, so it runs on the local heads untouched.
+
 Looped model: the shared core blocks get the same block plan (they are ordinary ``Block``s called
 R times; ``model.blocks()`` lists them with the others). Its per-loop LoRA (``x A_i^T B_i^T`` added
 to a linear's output by a forward hook; ``model.lora_points()`` names each one's linear) is sharded
@@ -48,9 +52,11 @@ from torch.distributed.tensor.parallel import (
 from longtrain.models.units import EMBEDDING, HEAD, DescribedModel
 
 
-def block_plan() -> dict:
-    """The plan for one ``Block``; inputs (x, cos, sin, doc_ids) -- only x is distributed."""
-    return {
+def block_plan(mixer: str = "full") -> dict:
+    """The plan for one ``Block``; inputs (x, cos, sin, doc_ids) -- only x is distributed. A
+    ``gdn`` block's mixer also splits its decay, beta and output-gate projections by head."""
+    gdn = {f"attention.{name}": ColwiseParallel() for name in ("wa", "wb", "wg")} if mixer == "gdn" else {}
+    return gdn | {
         "attention_norm": SequenceParallel(),
         "attention": PrepareModuleInput(
             input_layouts=(Shard(1), None, None, None),
@@ -121,7 +127,7 @@ def apply_tensor_parallel(model: DescribedModel, dims) -> DescribedModel:
         # shard, with its weight replicated
         parallelize_module(module, tp_mesh, SequenceParallel(use_local_output=True))
     for ref in model.blocks():
-        parallelize_module(ref.module, tp_mesh, block_plan())
+        parallelize_module(ref.module, tp_mesh, block_plan(ref.mixer))
     _shard_lora(model, tp_mesh)
     return model
 

@@ -1,7 +1,8 @@
 """Ulysses sequence parallelism: trade a sequence shard for a head shard around attention.
 
 Owns: ``ulysses_all_to_all`` (the autograd all-to-all), ``UlyssesAttention`` (the wrapper that
-replaces each ``Attention.core``) and ``apply_ulysses(model, dims)``.
+replaces each ``Attention.core``), ``UlyssesGatedDelta`` (the same for a gated delta rule
+layer's ``GatedDeltaCore``) and ``apply_ulysses(model, dims)``.
 
 The idea (DeepSpeed-Ulysses): outside attention every op is token-wise, so each of the ``sp``
 ranks keeps its contiguous chunk of S/sp tokens with all heads. Attention needs all tokens but
@@ -27,6 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from longtrain.models.attention import CoreAttention
+from longtrain.models.linear_attention import GatedDeltaCore
 
 
 def _a2a(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
@@ -107,18 +109,41 @@ class UlyssesAttention(nn.Module):
         return ulysses_all_to_all(out, 1, 2, self.group)
 
 
+class UlyssesGatedDelta(nn.Module):
+    """Drop-in for ``GatedDeltaCore`` (linear attention's recurrence): the same trade as attention
+    -- each rank runs whole sequences for H/sp of the heads -- with the per-head gates [B, S, H]
+    exchanged alongside q, k, v (keys and values have one head per query head: no replication)."""
+
+    def __init__(self, inner: GatedDeltaCore, group, doc_gather: _DocIdsGather):
+        super().__init__()
+        self.inner, self.group, self.doc_gather = inner, group, doc_gather
+        self.sp = dist.get_world_size(group)
+
+    def forward(self, q, k, v, g, beta, doc_ids=None):
+        if q.shape[2] % self.sp:
+            raise ValueError(f"Ulysses: {q.shape[2]} local heads are not divisible by parallel.sp={self.sp}.")
+        q, k, v = (ulysses_all_to_all(t, 2, 1, self.group) for t in (q, k, v))
+        g, beta = (ulysses_all_to_all(t.unsqueeze(-1), 2, 1, self.group).squeeze(-1) for t in (g, beta))
+        full_docs = self.doc_gather(doc_ids) if doc_ids is not None else None
+        return ulysses_all_to_all(self.inner(q, k, v, g, beta, full_docs), 1, 2, self.group)
+
+
+_WRAPPERS = {CoreAttention: UlyssesAttention, GatedDeltaCore: UlyssesGatedDelta}
+
+
 def apply_ulysses(model: nn.Module, dims) -> nn.Module:
-    """Replace every ``CoreAttention`` in ``model`` by a ``UlyssesAttention`` over the sp group."""
+    """Replace every ``CoreAttention`` in ``model`` by a ``UlyssesAttention`` over the sp group,
+    and every ``GatedDeltaCore`` by a ``UlyssesGatedDelta``."""
     if dims.sp == 1:
         return model
     group = dims.get_group("sp")
     doc_gather = _DocIdsGather(group)
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, CoreAttention)]
+    targets = [(name, m) for name, m in model.named_modules() if type(m) in _WRAPPERS]
     if not targets:
         raise ValueError("apply_ulysses: the model has no CoreAttention module to wrap; models must "
                          "call attention through longtrain.models.attention.CoreAttention.")
     for name, core in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, UlyssesAttention(core, group, doc_gather))
+        setattr(parent, child, _WRAPPERS[type(core)](core, group, doc_gather))
     return model

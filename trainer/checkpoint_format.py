@@ -53,7 +53,8 @@ FORMAT_VERSION = 2
 # in any of them cannot work
 SHAPE_KEYS = {"llama": ("arch", "vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_dim", "n_layers", "tie_embeddings"),
               "looped": ("arch", "vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings",
-                         "n_prelude", "n_core", "n_coda", "loops_max", "lora_rank", "reinject")}
+                         "n_prelude", "n_core", "n_coda", "loops_max", "lora_rank", "reinject", "core_attention",
+                         "hyper_streams")}
 LAYOUT_KEYS = ("dp_replicate", "dp_shard", "sp", "tp", "pp", "world_size")
 
 

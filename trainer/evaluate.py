@@ -21,7 +21,7 @@ What is measured, and the idea behind each:
   the all-or-nothing accuracy does.
 - **Loss against loop count** (``model.arch=looped``). The same held-out batches at loop counts
   1 .. ``loops_max`` and past it, the test-time-compute curve. Past ``loops_max`` needs a model
-  without per-loop LoRA tables (``model.lora_rank=0``); the evaluated model is then built with
+  without per-loop tables (``model.lora_rank=0``, ``model.hyper_streams=1``); the evaluated model is then built with
   ``loops_max`` raised (no weight depends on it).
 
 Layouts: every rank runs the same forwards (FSDP and tensor parallel gather inside them); each
@@ -276,6 +276,13 @@ def check_eval_settings(cfg: Config) -> None:
         requested_loops(cfg)
 
 
+def per_loop_tables(m) -> str:
+    """The looped model's weights indexed by iteration up to ``loops_max`` ("" when none): they
+    fix the largest loop count a checkpoint can run."""
+    return ", ".join(t for t, on in (("model.lora_rank > 0", m.lora_rank > 0),
+                                     ("model.hyper_streams > 1", m.hyper_streams > 1)) if on)
+
+
 def requested_loops(cfg: Config) -> list[int]:
     """``eval.loops``, or 1 .. ``model.loops_max + eval.loops_past``."""
     want = list(cfg.eval.loops) or list(range(1, cfg.model.loops_max + cfg.eval.loops_past + 1))
@@ -323,8 +330,8 @@ def long_context_eval(model, dims, cfg: Config, step: int, model_loops_max: Opti
                                     for n in counts]
             if max(counts, default=0) < max(requested_loops(cfg)):
                 out["loops_note"] = ("no loop counts past model.loops_max: "
-                                     + ("the model has per-loop LoRA tables up to it (model.lora_rank > 0)"
-                                        if cfg.model.lora_rank else "not during training (run `longtrain eval`)"))
+                                     + (f"the model has per-loop tables up to it ({per_loop_tables(cfg.model)})"
+                                        if per_loop_tables(cfg.model) else "not during training (run `longtrain eval`)"))
     finally:
         model.train(was_training)
     return out
@@ -456,7 +463,7 @@ def evaluate_worker(cfg: Config) -> dict:
 
         cfg = resolve_policy(cfg, dims)
     model_cfg = cfg.model
-    if cfg.model.arch == "looped" and cfg.model.lora_rank == 0:  # no weight depends on loops_max
+    if cfg.model.arch == "looped" and not per_loop_tables(cfg.model):  # no weight depends on loops_max
         model_cfg = dataclasses.replace(cfg.model, loops_max=max(cfg.model.loops_max, *requested_loops(cfg)))
     with torch.device(dims.device):
         model = build_model(model_cfg)

@@ -183,10 +183,19 @@ def resolve_hf_config(cfg):
     return dataclasses.replace(cfg, model=new)
 
 
+def _no_hf_equivalent(m: ModelConfig) -> str:
+    """The looped model's features transformers has no class for, for the refusal message."""
+    parts = [f"core_attention={m.core_attention}" if "gdn" in m.core_attention else "",
+             f"hyper_streams={m.hyper_streams}" if m.hyper_streams > 1 else ""]
+    named = ", ".join(p for p in parts if p)
+    return f" (with {named}: transformers has no looped Llama for such a core to map onto)" if named else ""
+
+
 def model_config_to_hf(m: ModelConfig, torch_dtype: str = "float32") -> dict:
     """An HF ``LlamaConfig`` dict for a longtrain Llama config."""
     if m.arch != "llama":
-        raise HFError(f"model.arch={m.arch!r}: only Llama models can be exported to Hugging Face format.")
+        raise HFError(f"model.arch={m.arch!r}{_no_hf_equivalent(m)}: only Llama models can be exported to Hugging "
+                      f"Face format.")
     rope: dict = {"rope_type": "default", "rope_theta": m.rope_theta}
     s = m.rope_scaling
     max_pos = m.max_seq_len
@@ -345,5 +354,6 @@ def export_hf(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: s
     path = resolve_checkpoint_path(ckpt_path)
     cfg = config_from_dict(read_config(path))
     if cfg.model.arch != "llama":
-        raise HFError(f"checkpoint {path} is model.arch={cfg.model.arch!r}; only Llama exports to Hugging Face.")
+        raise HFError(f"checkpoint {path} is model.arch={cfg.model.arch!r}{_no_hf_equivalent(cfg.model)}; only "
+                      f"Llama exports to Hugging Face.")
     return write_hf(load_full_model_state(path), cfg.model, out_dir, dtype)

@@ -23,6 +23,7 @@ from longtrain.memory.optimizer_offload import build_optimizer
 from longtrain.memory.planner import resolve_policy
 from longtrain.models import build_model, sample_loops
 from longtrain.models.attention import describe_backends
+from longtrain.models.linear_attention import describe_gdn_kernel
 from longtrain.models.costs import flops_per_token
 from longtrain.parallel.mesh import init_distributed
 from longtrain.parallel.parallelize import parallelize
@@ -104,6 +105,8 @@ def train(cfg: Config) -> dict:
     if dims.is_main:
         print(f"[longtrain] {dims.describe()}\n[longtrain] {describe_backends(cfg.model.attn_backend, dims.device)}"
               f"\n[longtrain] MFU is measured against {peak / 1e12:.3g} TFLOP/s per rank ({peak_src})", flush=True)
+        if looped and "gdn" in cfg.model.core_attention:  # a forced fla without CUDA or fla: ConfigError
+            print(f"[longtrain] {describe_gdn_kernel(cfg.model.gdn_kernel, dims.device)}", flush=True)
     log = MetricsLogger(run_dir, cfg, dims.is_main, sched.steps, state.step)
     # every eval reads the same held-out batches (the first schedule.eval_batches of the eval split):
     # evals at different steps compare, and a resumed run has no eval position to restore
