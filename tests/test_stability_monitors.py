@@ -145,3 +145,45 @@ def test_a_training_run_logs_the_monitors_with_per_iteration_residual_rms(tmp_pa
     assert all(abs(r[f"stability/loop_rms/{i}"] - 1.0) < 0.1 for i in range(3)), r
     assert "stability/attn_entropy/core.layers.1" in r and "stability/grad_rms/prelude.0" in r
     assert math.isfinite(r["stability/logz_drift"])
+
+
+def monitor_in_layout(model_over: list[str], parallel: dict) -> dict:
+    """One monitored step on the parallel model and on a plain copy; every rank returns both."""
+    from test_parallel_equivalence import local_slice, make_batch, make_config
+
+    from longtrain.parallel import all_reduce_sum, init_distributed, parallelize
+
+    over = model_over + ["logging.stability_every=1", "logging.stability.queries=8", "logging.stability.tokens=64"]
+    cfg = make_config(over, parallel)
+    dims = init_distributed(cfg)
+    one = ParallelDims.from_config(make_config(over, {}), world_size=1)
+    batch = make_batch(cfg, 2 * dims.dp_size, 0, docs=True)
+
+    def measure(model, d, feed):
+        mon = StabilityMonitor(model, cfg.logging, d)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        mon.begin(0)
+        b = feed(batch)
+        loss = model(b["tokens"], b["position_ids"], b["doc_ids"], labels=b["labels"])
+        (loss / all_reduce_sum((b["labels"] != -100).sum(), d)).backward()
+        mon.after_backward()
+        opt.step()
+        return mon.end(1)
+
+    torch.manual_seed(0)
+    expect = measure(build_model(cfg.model), one, lambda b: b)
+    torch.manual_seed(0)
+    got = measure(parallelize(build_model(cfg.model), dims, cfg), dims, lambda b: local_slice(b, dims))
+    return {"got": got, "expect": expect}
+
+
+def test_monitors_under_tensor_and_sequence_parallel_equal_one_process():
+    from dist_utils import run_distributed
+
+    llama = ["model.arch=llama", "model.vocab_size=64", "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2",
+             "model.ffn_dim=64", "model.n_layers=2", "model.max_seq_len=64", "model.qk_norm=true"]
+    for parallel in ({"tp": 2}, {"sp": 2}):
+        r = run_distributed(monitor_in_layout, 2, llama, parallel, init_process_group=False)[0]
+        assert set(r["got"]) == set(r["expect"]), parallel
+        for k, v in r["expect"].items():
+            assert math.isclose(r["got"][k], v, rel_tol=1e-4, abs_tol=1e-6), (parallel, k, r["got"][k], v)

@@ -13,8 +13,9 @@ forward and backward:
   most [batch, queries, seq] scores exist at once and full attention is never materialised;
 - the RMS of the block's output (the residual stream) and of its parameters' gradients (before
   clipping), and the ratio |update| / |parameters| of the optimizer step;
-- the output logits of the last ``stability.tokens`` tokens of every sequence: their mean and
-  max and the mean log-partition log Z, with its drift since the first measurement;
+- the output logits of the last ``stability.tokens`` tokens of every sequence (of every rank's
+  sequence shard under tensor or sequence parallelism): their mean and max and the mean
+  log-partition log Z, with its drift since the first measurement of this process;
 - for a looped model, the RMS of the state after each core iteration (``on_loop_output``).
 
 Blocks a looped core runs R times report the max / mean over their R calls. Hooks are only
