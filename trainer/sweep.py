@@ -190,7 +190,11 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                               description="Small-scale proxies run before a long, expensive run.")
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
     lr = kinds.add_parser("lr", help="final loss against learning rate per width (JSON + PNG)",
-                          description=__doc__.split("\n\n")[1])
+                          description="Train one small model per width (model.dim, model.ffn_dim scaled with it) "
+                                      "and learning rate, each its own `longtrain train` process; write "
+                                      "<out>/sweep.json and <out>/sweep.png (final loss against LR, one line per "
+                                      "width; diverged runs marked). Overrides apply to every run, e.g. "
+                                      "model.qk_norm=true or optim.z_loss=1e-4.")
     lr.add_argument("args", nargs="*", metavar="[CONFIG] [section.key=value ...]")
     lr.add_argument("--lrs", default="1e-4..1e-1", help="LO..HI (log-spaced, --points values) or a comma list")
     lr.add_argument("--points", type=int, default=4, help="learning rates in a LO..HI range")
