@@ -167,22 +167,28 @@ def planner_estimate(cfg, dims) -> dict:
 def make_step(cfg, dims, model, optimizer, scheduler, loader, timings: dict):
     from longtrain.models import sample_loops
     from longtrain.parallel.reduce import clip_grad_norm_
+    from longtrain.trainer.stability import StabilityMonitor
     from longtrain.trainer.step import forward_backward
 
     looped = cfg.model.arch == "looped"
     state = {"step": 0}
+    monitor = StabilityMonitor(model, cfg.logging, dims)  # logging.stability_every=N measures its cost
 
     def step():
         t0 = time.perf_counter()
         batches = [next(loader) for _ in range(cfg.schedule.grad_accum)]
         t1 = time.perf_counter()
         n_loops = sample_loops(cfg.model, state["step"], cfg.schedule.seed, training=True) if looped else None
+        monitor.begin(state["step"])
         loss, n_tok = forward_backward(model, batches, dims, cfg, n_loops)
+        monitor.after_backward()
         clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, dims)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         state["step"] += 1
+        if (stability := monitor.end(state["step"])) is not None:
+            timings["stability"] = stability
         timings["data_s"] = t1 - t0
         timings["loss"] = loss
         timings["n_loops"] = n_loops

@@ -1,4 +1,4 @@
-"""The ``longtrain`` command: ``train``, ``launch``, ``data``, ``plan``, ``ckpt``, ``eval``.
+"""The ``longtrain`` command: ``train``, ``launch``, ``data``, ``plan``, ``ckpt``, ``eval``, ``sweep``.
 
 Owns: argument parsing and dispatch only. Each subsystem registers its own subcommand through an
 ``add_cli(subparsers)`` function in its package, so this file does not grow with them; what the
@@ -18,10 +18,10 @@ from longtrain.data import cli as data_cli
 from longtrain.errors import UserError, report_user_error
 from longtrain.launch import cli as launch_cli
 from longtrain.memory import cli as memory_cli
-from longtrain.trainer import ckpt_cli, eval_cli
+from longtrain.trainer import ckpt_cli, eval_cli, sweep
 from longtrain.trainer.train import train
 
-_SUBSYSTEM_CLIS = (launch_cli, data_cli, memory_cli, ckpt_cli, eval_cli)
+_SUBSYSTEM_CLIS = (launch_cli, data_cli, memory_cli, ckpt_cli, eval_cli, sweep)
 
 
 def _train(ns: argparse.Namespace) -> int:

@@ -66,9 +66,16 @@ def block_matmul_params(m) -> int:
     return 2 * m.dim * qd + 2 * m.dim * kvd + 3 * m.dim * m.ffn_dim
 
 
+def norm_params(m) -> int:
+    """Norm weights of one block: two input norms, two output norms under Peri-LN, and the
+    per-head query and key norms (one ``head_dim`` weight each) under QK-norm. Norms multiply no
+    weights, so like every elementwise op they add nothing to the FLOP counts below."""
+    return (4 if m.norm_placement == "peri" else 2) * m.dim + (2 * m.head_dim if m.qk_norm else 0)
+
+
 def block_params(m) -> int:
-    """Parameters of one transformer block: its matmul weights and two norm weights."""
-    return 2 * m.dim + block_matmul_params(m)
+    """Parameters of one transformer block: its matmul weights and its norm weights."""
+    return norm_params(m) + block_matmul_params(m)
 
 
 def lora_matmul_params(m) -> int:
@@ -111,7 +118,8 @@ def count_params(m) -> dict:
     emb = m.vocab_size * m.dim
     head = m.dim + (0 if m.tie_embeddings else m.vocab_size * m.dim)
     n_blocks = m.n_layers if m.arch == "llama" else m.n_prelude + m.n_core + m.n_coda
-    extra = lora_params(m) + reinject_params(m) + hyper_params(m)
+    extra = lora_params(m) + reinject_params(m) + hyper_params(m) + \
+        (m.dim if m.arch == "looped" and m.loop_norm else 0)
     gdn = core_mixers(m).count("gdn") if m.arch == "looped" else 0
     gdn_block = 2 * m.dim + m.n_heads + gdn_block_matmul_params(m)  # norms, the decay bias, matmuls
     blocks = (n_blocks - gdn) * block_params(m) + gdn * gdn_block

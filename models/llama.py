@@ -1,11 +1,18 @@
 """A Llama-style decoder in plain PyTorch, plus the blocks the looped transformer reuses.
 
-Owns: ``Attention`` (grouped-query, rotary), ``FeedForward`` (SwiGLU), ``Block`` (pre-norm
-residual), ``LMHead`` (final norm + output projection + summed cross-entropy) and ``Llama``,
+Owns: ``Attention`` (grouped-query, rotary, optionally QK-norm), ``FeedForward`` (SwiGLU),
+``Block`` (pre-norm or Peri-LN residual), ``LMHead`` (final norm + output projection + summed
+cross-entropy, optionally with z-loss) and ``Llama``,
 which describes its units (``models.units``: the embedding, each block, the head) and runs any
 contiguous run of them (``forward_units``; ``forward`` is the run of all of them).
 No parallelism lives here: ``longtrain.parallel`` shards these modules from outside, swapping
 ``Attention.core`` for a sequence-parallel wrapper and distributing the ``nn.Linear`` weights.
+Stability options (``model.norm_placement``, ``model.qk_norm``, ``optim.z_loss``; off by default):
+Peri-LN normalises each sublayer's output as well as its input, inside the residual branch
+(``x + norm_out(f(norm_in(x)))``), so no branch can add an ever larger update to the stream;
+QK-norm is an RMSNorm over ``head_dim`` on every query and key head before rotary (Qwen3's
+attention), which bounds the attention logits; z-loss adds ``c * logsumexp(logits)^2`` per token,
+pulling the softmax normaliser towards 1 so output logits cannot drift.
 Names follow torchtitan (``wq``/``wk``/``wv``/``wo``, ``w1``/``w2``/``w3``); ``layers`` is a
 ``ModuleDict`` keyed by layer index so parameter names stay the same when a pipeline stage drops
 the layers it does not own.
@@ -25,13 +32,17 @@ IGNORE_INDEX = -100
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, backend: str = "auto"):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, backend: str = "auto", qk_norm: bool = False,
+                 eps: float = 1e-5):
         super().__init__()
         self.head_dim = dim // n_heads
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        # one weight of size head_dim shared by all heads: replicated under tensor parallelism
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else None
         self.core = CoreAttention(backend)
 
     def forward(self, x, cos, sin, doc_ids=None):
@@ -41,6 +52,8 @@ class Attention(nn.Module):
         q = q.view(*q.shape[:2], -1, self.head_dim)
         k = k.view(*k.shape[:2], -1, self.head_dim)
         v = v.view(*v.shape[:2], -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = self.core(q, k, v, doc_ids)
         return self.wo(out.reshape(*out.shape[:2], -1))
@@ -58,37 +71,58 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm residual block; with ``norm_placement=peri`` each sublayer's output is normalised too."""
+
     def __init__(self, cfg):
         super().__init__()
+        peri = cfg.norm_placement == "peri"
         self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.attn_backend)
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.attn_backend, cfg.qk_norm, cfg.norm_eps)
+        self.attention_out_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps) if peri else None
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+        self.ffn_out_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps) if peri else None
 
     def forward(self, x, cos, sin, doc_ids=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, doc_ids)
-        return x + self.feed_forward(self.ffn_norm(x))
+        a = self.attention(self.attention_norm(x), cos, sin, doc_ids)
+        x = x + (a if self.attention_out_norm is None else self.attention_out_norm(a))
+        f = self.feed_forward(self.ffn_norm(x))
+        return x + (f if self.ffn_out_norm is None else self.ffn_out_norm(f))
 
 
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum (not mean) of token losses, so ranks holding different token counts add up exactly."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
+    """Sum (not mean) of token losses, so ranks holding different token counts add up exactly;
+    with ``z_loss`` > 0 each labelled token adds ``z_loss * logsumexp(logits)^2`` (PaLM's z-loss)."""
+    flat, lab = logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    loss = F.cross_entropy(flat, lab, ignore_index=IGNORE_INDEX, reduction="sum")
+    if z_loss > 0:
+        log_z = torch.logsumexp(flat, dim=-1)
+        loss = loss + z_loss * torch.where(lab != IGNORE_INDEX, log_z.square(), 0.0).sum()
+    return loss
 
 
 class LMHead(nn.Module):
-    """Final norm and output projection; with labels, the summed cross-entropy instead of logits."""
+    """Final norm and output projection; with labels, the summed cross-entropy instead of logits.
+
+    ``z_loss`` (``optim.z_loss``, set through ``DescribedModel.set_z_loss``) is added in training
+    mode only, so evaluation losses stay plain cross-entropy. Tiling (``memory.tiling``) runs this
+    forward chunk by chunk, so the z-loss never sees more than one chunk's logits either.
+    """
 
     def __init__(self, dim: int, vocab_size: int, eps: float):
         super().__init__()
         self.norm = nn.RMSNorm(dim, eps=eps)
         self.output = nn.Linear(dim, vocab_size, bias=False)
+        self.z_loss = 0.0
+
+    def logits(self, h):
+        return self.output(self.norm(h))
 
     def forward(self, h, labels=None):
-        logits = self.output(self.norm(h))
+        logits = self.logits(h)
         if labels is None:
             return logits
-        return cross_entropy_sum(logits, labels)
+        return cross_entropy_sum(logits, labels, self.z_loss if self.training else 0.0)
 
 
 def init_block_(block: Block, std: float, depth_scale: float) -> None:

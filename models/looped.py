@@ -85,6 +85,8 @@ class LoopedCore(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.layers = nn.ModuleDict({str(j): core_block(cfg, mixer) for j, mixer in enumerate(core_mixers(cfg))})
+        # model.loop_norm: the state leaving each iteration is normalised, so R iterations cannot grow it R-fold
+        self.out_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps) if cfg.loop_norm else None
         self.lora = nn.ModuleDict()
         self.loop_index = 0
         self._lora_keys: dict[str, tuple[str, str]] = {}  # lora key -> (layer key, linear's path in the block)
@@ -106,7 +108,7 @@ class LoopedCore(nn.Module):
         self.loop_index = i
         for layer in self.layers.values():
             x = layer(x, cos, sin, doc_ids)
-        return x
+        return x if self.out_norm is None else self.out_norm(x)
 
 
 def loops_at(cfg, step: int) -> int:
@@ -187,6 +189,8 @@ class Looped(DescribedModel):
             self.hyper.reset_parameters()
         for lora in self.core.lora.values():
             lora.reset_parameters()
+        if self.core.out_norm is not None:
+            nn.init.ones_(self.core.out_norm.weight)
         if self.inject is not None:
             # start as "state + 0 * e": identity on the state half, zero on the prelude half
             self.inject.weight.zero_()
@@ -258,7 +262,15 @@ class Looped(DescribedModel):
         return self.head
 
     def token_wise_modules(self) -> list[tuple[str, nn.Module]]:
-        return [(name, mod) for name, mod in (("inject", self.inject), ("hyper", self.hyper)) if mod is not None]
+        out = [(name, mod) for name, mod in (("inject", self.inject), ("hyper", self.hyper)) if mod is not None]
+        if self.core is not None and self.core.out_norm is not None:
+            out.append(("core.out_norm", self.core.out_norm))
+        return out
+
+    def on_loop_output(self, fn):
+        if self.core is None:
+            return []
+        return [self.core.register_forward_hook(lambda mod, args, out: fn(args[1], out))]
 
     def _carries_e(self, u: Unit) -> bool:
         """Whether the activation after ``u`` is ``[h, e]``: from the end of the prelude (the

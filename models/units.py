@@ -154,8 +154,20 @@ class DescribedModel(nn.Module):
         return lambda: None
 
     def loss_head(self) -> nn.Module | None:
-        """The module turning the last hidden state into logits, or with labels the summed loss."""
+        """The module turning the last hidden state into logits, or with labels the summed loss
+        (an ``LMHead``: ``logits(h)`` gives the logits alone)."""
         return None
+
+    def set_z_loss(self, coef: float) -> None:
+        """Add ``coef * logsumexp(logits)^2`` per token to the training loss (``optim.z_loss``)."""
+        head = self.loss_head()
+        if head is not None:
+            head.z_loss = float(coef)
+
+    def on_loop_output(self, fn: Callable) -> list:
+        """Call ``fn(iteration, output)`` after every iteration of a looped core (the monitors'
+        per-iteration residual RMS); returns the hook handles ([] for a model without a loop)."""
+        return []
 
     def token_wise_modules(self) -> list[tuple[str, nn.Module]]:
         """(name, module) of the modules outside the blocks, the embedding and the head, each acting

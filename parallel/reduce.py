@@ -1,6 +1,7 @@
 """Reductions the trainer needs across the mesh: token counts, logged loss, gradient norm.
 
-Owns: ``all_reduce_sum`` / ``all_reduce_max`` over named mesh dimensions (the global token count
+Owns: ``all_reduce_sum`` / ``all_reduce_max`` over named mesh dimensions, ``total_norm`` (of any
+plain or DTensor tensors) (the global token count
 and the logged loss are sums over ``("dp", "sp")``), and ``clip_grad_norm_`` that is exact when
 parameters are DTensors sharded over FSDP and tensor-parallel dimensions (and, with pipeline
 stages, adds the stages' norms over ``pp``).
@@ -63,18 +64,25 @@ def all_reduce_max(tensor: torch.Tensor, dims: ParallelDims, over=("dp", "sp")) 
 @torch.no_grad()
 def grad_norm(parameters: Iterable[torch.Tensor], dims: ParallelDims | None = None,
               norm_type: float = 2.0) -> torch.Tensor:
-    """The global norm of all gradients, as one plain tensor equal on every rank.
-
-    DTensor gradients are grouped by mesh (``get_total_norm`` on DTensors of one mesh gives a
-    Partial result that ``full_tensor`` sums over the sharded dims; replicated dims are not
-    double counted). With pipeline stages each stage holds different parameters, so the p-th
-    powers are added over ``pp``.
-    """
+    """The global norm of all gradients, as one plain tensor equal on every rank (``total_norm``
+    of the gradients)."""
     # a weight several pipeline stages hold (looped core, tied embedding) counts once: the copies
     # other than its first stage's are marked by parallel.pipeline
     grads = [p.grad for p in parameters if p.grad is not None and not getattr(p, "_pp_replica", False)]
+    return total_norm(grads, dims, norm_type)
+
+
+@torch.no_grad()
+def total_norm(tensors: Iterable[torch.Tensor], dims: ParallelDims | None = None,
+               norm_type: float = 2.0) -> torch.Tensor:
+    """The norm of all ``tensors`` together (plain or DTensor), one plain tensor equal on every rank.
+
+    DTensors are grouped by mesh (``get_total_norm`` on DTensors of one mesh gives a Partial result
+    that ``full_tensor`` sums over the sharded dims; replicated dims are not double counted). With
+    pipeline stages each stage holds different tensors, so the p-th powers are added over ``pp``.
+    """
     by_mesh: dict = defaultdict(list)
-    for g in grads:
+    for g in tensors:
         by_mesh[g.device_mesh if isinstance(g, DTensor) else None].append(g)
     norms = []
     for mesh, gs in by_mesh.items():
@@ -84,7 +92,7 @@ def grad_norm(parameters: Iterable[torch.Tensor], dims: ParallelDims | None = No
         norms.append(n.float())
     if norms:
         total = torch.linalg.vector_norm(torch.stack(norms), ord=norm_type)
-    else:  # no gradients here (e.g. a stage that got none) -- still join the pp reduction below
+    else:  # no tensors here (e.g. a stage that got no gradients) -- still join the pp reduction below
         total = torch.zeros((), device=dims.device if dims is not None else "cpu")
     if dims is not None and dims.pp > 1:
         if norm_type == float("inf"):

@@ -10,7 +10,8 @@ Layout over the ``tp`` mesh dimension, per block (torchtitan's plan):
 
 - the residual stream between blocks is sharded along the sequence (``Shard(1)``), so
   activations, norms and residual adds are not replicated over tp;
-- ``attention_norm`` / ``ffn_norm`` run on that sequence shard (``SequenceParallel``);
+- ``attention_norm`` / ``ffn_norm`` (and Peri-LN's output norms) run on that sequence shard
+  (``SequenceParallel``); QK-norm's per-head norms run on each rank's heads, weight replicated;
 - entering attention / MLP, the normed input is all-gathered along the sequence
   (``PrepareModuleInput``); ``wq, wk, wv, w1, w3`` are column-parallel (each rank computes its
   heads / its slice of the hidden width), ``wo, w2`` are row-parallel and reduce-scatter their
@@ -52,11 +53,12 @@ from torch.distributed.tensor.parallel import (
 from longtrain.models.units import EMBEDDING, HEAD, DescribedModel
 
 
-def block_plan(mixer: str = "full") -> dict:
-    """The plan for one ``Block``; inputs (x, cos, sin, doc_ids) -- only x is distributed. A
-    ``gdn`` block's mixer also splits its decay, beta and output-gate projections by head."""
+def block_plan(m=None, mixer: str = "full") -> dict:
+    """The plan for one ``Block`` of a model with config ``m`` (its stability options add norms);
+    inputs (x, cos, sin, doc_ids) -- only x is distributed. A ``gdn`` block's mixer also splits its
+    decay, beta and output-gate projections by head."""
     gdn = {f"attention.{name}": ColwiseParallel() for name in ("wa", "wb", "wg")} if mixer == "gdn" else {}
-    return gdn | {
+    plan = gdn | {
         "attention_norm": SequenceParallel(),
         "attention": PrepareModuleInput(
             input_layouts=(Shard(1), None, None, None),
@@ -75,6 +77,17 @@ def block_plan(mixer: str = "full") -> dict:
         "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
         "feed_forward.w3": ColwiseParallel(),
     }
+    if m is not None and m.norm_placement == "peri":
+        # the output norms act on the sublayer's result, already reduce-scattered into the
+        # sequence shard, and hand a plain tensor back to the (plain) residual add
+        plan["attention_out_norm"] = SequenceParallel(use_local_output=True)
+        plan["ffn_out_norm"] = SequenceParallel(use_local_output=True)
+    if m is not None and m.qk_norm:
+        # q, k: [B, S, local heads, head_dim] -- sharded over tp along the heads (dim 2); the
+        # head_dim weight is replicated and its gradient summed over the heads of every rank
+        plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+    return plan
 
 
 def head_plan() -> dict:
@@ -87,7 +100,7 @@ def head_plan() -> dict:
 def _shard_lora(model: DescribedModel, tp_mesh) -> None:
     """Distribute each low-rank delta the model lists consistently with the linear it modifies:
     the side ``block_plan`` splits that linear on."""
-    plan = block_plan()
+    plan = block_plan(model.cfg)
     for point in model.lora_points():
         style = plan.get(point.block_path)
         if not isinstance(style, (ColwiseParallel, RowwiseParallel)):
@@ -127,7 +140,7 @@ def apply_tensor_parallel(model: DescribedModel, dims) -> DescribedModel:
         # shard, with its weight replicated
         parallelize_module(module, tp_mesh, SequenceParallel(use_local_output=True))
     for ref in model.blocks():
-        parallelize_module(ref.module, tp_mesh, block_plan(ref.mixer))
+        parallelize_module(ref.module, tp_mesh, block_plan(model.cfg, ref.mixer))
     _shard_lora(model, tp_mesh)
     return model
 

@@ -228,3 +228,54 @@ def test_hf_import_into_a_pipeline(tmp_path, tie):
     back = LlamaForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
     with torch.no_grad():
         torch.testing.assert_close(back(x).logits, hf(x).logits, atol=ATOL, rtol=0)
+
+
+QWEN3 = ["model.arch=llama", "model.vocab_size=96", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2",
+         "model.ffn_dim=96", "model.n_layers=2", "data.seq_len=48", "model.qk_norm=true"]
+
+
+def test_qk_norm_llama_is_qwen3_import_and_export_give_identical_logits(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from longtrain.cli import main
+
+    torch.manual_seed(0)
+    hc = Qwen3Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-5,
+                     tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    hf = Qwen3ForCausalLM(hc).eval()
+    with torch.no_grad():  # per-head norm weights away from 1, so a missing or misplaced norm shows
+        for layer in hf.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    hf.save_pretrained(str(tmp_path / "hf"))
+    over = QWEN3 + [f"checkpoint.init_from_hf={tmp_path / 'hf'}", f"checkpoint.dir={tmp_path / 'ckpt'}"]
+    cfg = resolve_hf_config(load_config(None, over))
+    model = build_model(cfg.model).eval()
+    ck = Checkpointer(cfg, ParallelDims.from_config(cfg, 1), tmp_path, model=model)
+    assert ck.maybe_resume() is None
+    x = tokens()
+    with torch.no_grad():
+        ref = hf(x).logits
+        torch.testing.assert_close(model(x), ref, atol=ATOL, rtol=0)
+    ck.save(sync=True)
+    assert main(["ckpt", "export-hf", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 0
+    assert read_hf_config(tmp_path / "out")["architectures"] == ["Qwen3ForCausalLM"]
+    back = Qwen3ForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, ref, atol=ATOL, rtol=0)
+    # a run without qk_norm cannot start from a Qwen3 checkpoint
+    with pytest.raises(HFError, match="model.qk_norm=False but .* has True"):
+        resolve_hf_config(load_config(None, [o for o in over if o != "model.qk_norm=true"]))
+
+
+def test_peri_ln_export_is_refused_with_one_line(tmp_path, capsys):
+    from longtrain.cli import main
+
+    cfg = load_config(None, QWEN3[:-1] + ["model.norm_placement=peri", f"checkpoint.dir={tmp_path / 'ckpt'}"])
+    model = build_model(cfg.model)
+    Checkpointer(cfg, ParallelDims.from_config(cfg, 1), tmp_path, model=model).save(sync=True)
+    assert main(["ckpt", "export-hf", str(tmp_path / "ckpt"), str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.norm_placement='peri' has no exact Hugging Face equivalent" in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -1,5 +1,10 @@
 """Hugging Face Llama import and export: config.json <-> ``ModelConfig``, safetensors <-> weights.
 
+A Llama with ``model.qk_norm`` (an RMSNorm per head on q and k, before rotary) is exactly
+transformers' ``Qwen3ForCausalLM`` (its ``q_norm`` / ``k_norm``), so it exports to and imports from
+Qwen3. Peri-LN (``model.norm_placement=peri``) has no exact equivalent there (Gemma 2's sandwich
+norms come with a (1 + w) RMSNorm, GELU and scaled embeddings), so its export is refused.
+
 Owns: the name map between our Llama and transformers' ``LlamaForCausalLM``, translating HF's
 ``rope_parameters`` / ``rope_scaling`` (default, linear, dynamic, yarn, llama3) to
 ``ModelConfig.rope_scaling`` and back, ``resolve_hf_config`` (the run's model config checked
@@ -34,7 +39,8 @@ _LAYER = {"self_attn.q_proj.weight": "attention.wq.weight", "self_attn.k_proj.we
           "self_attn.v_proj.weight": "attention.wv.weight", "self_attn.o_proj.weight": "attention.wo.weight",
           "mlp.gate_proj.weight": "feed_forward.w1.weight", "mlp.up_proj.weight": "feed_forward.w3.weight",
           "mlp.down_proj.weight": "feed_forward.w2.weight", "input_layernorm.weight": "attention_norm.weight",
-          "post_attention_layernorm.weight": "ffn_norm.weight"}
+          "post_attention_layernorm.weight": "ffn_norm.weight",
+          "self_attn.q_norm.weight": "attention.q_norm.weight", "self_attn.k_norm.weight": "attention.k_norm.weight"}
 _LAYER_INV = {v: k for k, v in _LAYER.items()}
 _GLOBAL_INV = {v: k for k, v in _GLOBAL.items()}
 # HF's rotary buffer (older transformers saved it); never a weight
@@ -126,9 +132,13 @@ def hf_model_config(hf: dict, base: ModelConfig | None = None, where: str = "con
     """The longtrain ``ModelConfig`` for an HF Llama ``config.json`` (other fields from ``base``)."""
     mt = hf.get("model_type")
     archs = hf.get("architectures") or []
-    if mt != "llama" and "LlamaForCausalLM" not in archs:
+    qwen3 = mt == "qwen3" or "Qwen3ForCausalLM" in archs
+    if mt != "llama" and "LlamaForCausalLM" not in archs and not qwen3:
         raise HFError(f"{where}: model_type={mt!r} (architectures {archs}) is not a Llama model; only Llama "
-                      f"(LlamaForCausalLM) checkpoints can be imported.")
+                      f"(LlamaForCausalLM) and Qwen3 (Qwen3ForCausalLM) checkpoints can be imported.")
+    if qwen3 and hf.get("use_sliding_window"):
+        raise HFError(f"{where}: use_sliding_window=true is not supported (longtrain attends over the whole "
+                      f"causal context); only full-attention Qwen3 models can be imported.")
     for key, ok in (("attention_bias", False), ("mlp_bias", False)):
         if bool(hf.get(key, False)) != ok:
             raise HFError(f"{where}: {key}={hf.get(key)} is not supported (longtrain's Llama has no biases).")
@@ -146,11 +156,13 @@ def hf_model_config(hf: dict, base: ModelConfig | None = None, where: str = "con
         base, arch="llama", vocab_size=int(hf["vocab_size"]), dim=dim, n_heads=n_heads,
         n_kv_heads=int(hf.get("num_key_value_heads") or n_heads), ffn_dim=int(hf["intermediate_size"]),
         n_layers=int(hf["num_hidden_layers"]), norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta,
-        rope_scaling=scaling, tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+        rope_scaling=scaling, tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qk_norm=qwen3,
+        norm_placement="pre")
 
 
 # the fields an HF checkpoint fixes: the run's config must agree on them
-HF_SHAPE_KEYS = ("arch", "vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_dim", "n_layers", "tie_embeddings")
+HF_SHAPE_KEYS = ("arch", "vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_dim", "n_layers", "tie_embeddings",
+                 "qk_norm", "norm_placement")
 
 
 def resolve_hf_config(cfg):
@@ -192,10 +204,13 @@ def _no_hf_equivalent(m: ModelConfig) -> str:
 
 
 def model_config_to_hf(m: ModelConfig, torch_dtype: str = "float32") -> dict:
-    """An HF ``LlamaConfig`` dict for a longtrain Llama config."""
+    """An HF ``LlamaConfig`` (``Qwen3Config`` with ``model.qk_norm``) dict for a longtrain Llama config."""
     if m.arch != "llama":
         raise HFError(f"model.arch={m.arch!r}{_no_hf_equivalent(m)}: only Llama models can be exported to Hugging "
                       f"Face format.")
+    if m.norm_placement != "pre":
+        raise HFError(f"model.norm_placement={m.norm_placement!r} has no exact Hugging Face equivalent (Gemma 2's "
+                      f"sandwich norms differ in RMSNorm, activation and embedding scale); only pre-norm models export.")
     rope: dict = {"rope_type": "default", "rope_theta": m.rope_theta}
     s = m.rope_scaling
     max_pos = m.max_seq_len
@@ -222,6 +237,10 @@ def model_config_to_hf(m: ModelConfig, torch_dtype: str = "float32") -> dict:
         "rope_theta": m.rope_theta, "rope_parameters": rope, "torch_dtype": torch_dtype, "dtype": torch_dtype,
         "initializer_range": m.init_std, "use_cache": True,
     }
+    if m.qk_norm:  # Qwen3's attention: q_norm / k_norm per head before rotary; full attention everywhere
+        out.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", use_sliding_window=False,
+                   sliding_window=None, max_window_layers=m.n_layers,
+                   layer_types=["full_attention"] * m.n_layers)
     if s.type != "none":
         out["rope_scaling"] = dict(rope)  # older transformers read this (and rope_theta)
     return out
@@ -321,7 +340,8 @@ def write_hf(state: dict[str, torch.Tensor], m: ModelConfig, out_dir: str | os.P
     for k, t in state.items():
         name = ours_to_hf(k)
         if name is None:
-            raise HFError(f"tensor {k} has no Hugging Face Llama counterpart; only arch=llama exports.")
+            raise HFError(f"tensor {k} has no Hugging Face Llama counterpart; only arch=llama with "
+                          f"model.norm_placement=pre exports.")
         if name == "lm_head.weight" and m.tie_embeddings:
             continue
         hf_sd[name] = t.detach().to(tdtype).contiguous()
@@ -356,4 +376,5 @@ def export_hf(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: s
     if cfg.model.arch != "llama":
         raise HFError(f"checkpoint {path} is model.arch={cfg.model.arch!r}{_no_hf_equivalent(cfg.model)}; only "
                       f"Llama exports to Hugging Face.")
+    model_config_to_hf(cfg.model)  # refuses what has no exact equivalent before anything is read
     return write_hf(load_full_model_state(path), cfg.model, out_dir, dtype)

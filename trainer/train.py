@@ -39,6 +39,7 @@ from longtrain.trainer.metrics import MetricsLogger, device_peak_flops
 from longtrain.trainer.run import start_run
 from longtrain.trainer.schedule import build_lr_scheduler
 from longtrain.trainer.signals import SaveOnSignal
+from longtrain.trainer.stability import StabilityMonitor
 from longtrain.trainer.step import evaluate, forward_backward
 
 
@@ -75,6 +76,7 @@ def setup(cfg: Config):
     np.random.seed(cfg.schedule.seed)
     with torch.device(dims.device):  # initialise where it runs: an 8B model in seconds on a GPU
         model = build_model(cfg.model)
+    model.set_z_loss(cfg.optim.z_loss)
     model = build_pipeline(model, dims, cfg) if dims.pp > 1 else parallelize(model, dims, cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_lr_scheduler(optimizer, cfg.schedule)
@@ -111,6 +113,7 @@ def train(cfg: Config) -> dict:
     # every eval reads the same held-out batches (the first schedule.eval_batches of the eval split):
     # evals at different steps compare, and a resumed run has no eval position to restore
     eval_set = eval_loader.state_dict() if eval_loader is not None else None
+    monitor = StabilityMonitor(model, cfg.logging, dims)  # inert unless logging.stability_every > 0
     last = {}
     # a throughput window: the steps since the last log line and the time they took. A window may
     # be shorter than logging.log_every (the last of a run, the first after resuming between two
@@ -123,8 +126,10 @@ def train(cfg: Config) -> dict:
             consumed_before = loader.consumed
             batches = [next(loader) for _ in range(sched.grad_accum)]
             n_loops = sample_loops(cfg.model, state.step, sched.seed, training=True) if looped else None
+            monitor.begin(state.step)
             with dims.watch("forward_backward"):
                 loss, n_tok = forward_backward(model, batches, dims, cfg, n_loops)
+            monitor.after_backward()
             with dims.watch("clip_grad_norm"):
                 grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, dims)
             try:
@@ -144,6 +149,8 @@ def train(cfg: Config) -> dict:
             state.step += 1
             state.tokens += int(n_tok)
             window_steps += 1
+            if (stability := monitor.end(state.step)) is not None:
+                log.log(state.step, stability)
             if state.step % cfg.logging.log_every == 0 or state.step == sched.steps:
                 dt = (time.perf_counter() - t0) / window_steps
                 per_tok = flops_per_token(cfg.model if n_loops is None else _with_loops(cfg.model, n_loops),
