@@ -94,3 +94,5 @@ def test_qk_norm_after_looped_lora_under_tp_is_refused_with_one_line():
 
     with pytest.raises(ConfigError, match="model.qk_norm=true with model.lora_rank=2 under parallel.tp=2"):
         load_config(None, LOOPED + ["data.seq_len=32", "model.qk_norm=true", "parallel.tp=2"])
+    with pytest.raises(ConfigError, match="model.norm_placement=peri on a looped model under parallel.sp=2"):
+        load_config(None, LOOPED + ["data.seq_len=32", "model.norm_placement=peri", "parallel.sp=2"])
