@@ -24,10 +24,16 @@ import statistics
 import sys
 import time
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-from longtrain.models.linear_attention import GatedDeltaCore, fla_available
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))  # run as a script from anywhere: `import longtrain` finds the checkout
+
+from longtrain.models.linear_attention import GatedDeltaCore, fla_available  # noqa: E402
 
 
 def inputs(B: int, S: int, H: int, D: int, docs: bool, device, seed: int = 0):

@@ -52,7 +52,30 @@ def fla_available() -> bool:
         import fla.ops.gated_delta_rule  # noqa: F401
     except Exception:  # fla imports triton, which can fail in several ways on a machine without CUDA
         return False
-    return True
+    return fla_blocked(torch.device("cuda")) is None
+
+
+def fla_blocked(device: torch.device) -> str | None:
+    """Why fla cannot run here, or None. fla 0.6's gated backward refuses Hopper GPUs with Triton
+    >= 3.4.0 and < 3.7.1 (wrong results, fla issue #640) unless tilelang is installed: seen on an
+    H200 with torch 2.11's Triton 3.6.0, where it raised inside the first backward."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        return None
+    try:
+        import triton
+    except ImportError:
+        return None
+    version = tuple(int(x) for x in triton.__version__.split("+")[0].split(".")[:3] if x.isdigit())
+    if (3, 4, 0) <= version < (3, 7, 1):
+        try:
+            import tilelang  # noqa: F401
+            return None
+        except ImportError:
+            return (f"fla's gated backward refuses Hopper GPUs with Triton {triton.__version__} (needs >= 3.7.1 "
+                    f"or the tilelang package)")
+    return None
 
 
 def select_gdn_kernel(requested: str, device: torch.device) -> str:
@@ -63,9 +86,11 @@ def select_gdn_kernel(requested: str, device: torch.device) -> str:
     if requested == "auto":
         return "fla" if device.type == "cuda" and fla_available() else "reference"
     if requested == "fla" and not (device.type == "cuda" and fla_available()):
-        raise ConfigError(f"model.gdn_kernel=fla needs a CUDA device and flash-linear-attention "
+        blocked = fla_blocked(device)
+        raise ConfigError(f"model.gdn_kernel=fla needs a CUDA device and a usable flash-linear-attention "
                            f"(pip install flash-linear-attention); this run has device {device.type}"
-                           f"{'' if fla_available() else ' and no fla package'}; set model.gdn_kernel=auto.")
+                           f"{f' and {blocked}' if blocked else ('' if fla_available() else ' and no fla package')}"
+                           f"; set model.gdn_kernel=auto.")
     return requested
 
 
