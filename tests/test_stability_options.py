@@ -21,7 +21,6 @@ STABLE = ["model.norm_placement=peri", "model.qk_norm=true", "optim.z_loss=1e-3"
 LOOPED_STABLE = ["model.loop_norm=true", "model.qk_norm=true", "optim.z_loss=1e-3"]
 
 LAYOUTS = {
-    "tp2": (LLAMA + STABLE, {"tp": 2}, 2),
     # recompute, offload, tiled MLP and tiled loss (z-loss per chunk) on the parallel model only
     "tp2_sp2_memory_policies": (LLAMA + STABLE + POLICIES, {"tp": 2, "sp": 2}, 4),
     # QK-norm after a per-loop LoRA under tp is refused (config.validate), so the looped layout
