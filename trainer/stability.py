@@ -30,6 +30,7 @@ description (``blocks()``, ``loss_head()``, ``on_loop_output``); attention is fo
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 
@@ -37,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from longtrain.memory.recompute import in_backward
 from longtrain.models.attention import CoreAttention
 from longtrain.parallel.reduce import grad_norm, total_norm
 
@@ -67,11 +69,6 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, doc_ids: torch.Tensor | No
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (a checkpoint recomputing forward)."""
-    return torch._C._current_graph_task_id() != -1
 
 
 class StabilityMonitor:
@@ -111,7 +108,7 @@ class StabilityMonitor:
 
     def _block_hook(self, name: str):
         def hook(module, args, out):
-            if _in_backward():
+            if in_backward():
                 return
             x = _local(out).detach().float()
             self._add(f"act_rms/{name}", x.square().sum(), x.numel())
@@ -119,7 +116,7 @@ class StabilityMonitor:
 
     def _attention_hook(self, name: str):
         def hook(module, args):
-            if _in_backward():
+            if in_backward():
                 return
             q, k = (_local(t).detach() for t in args[:2])
             doc_ids = args[3] if len(args) > 3 else None
@@ -131,7 +128,7 @@ class StabilityMonitor:
 
     def _head_hook(self, head):
         def hook(module, args):
-            if _in_backward():
+            if in_backward():
                 return
             h = _local(args[0]).detach()
             with torch.no_grad():
@@ -142,7 +139,7 @@ class StabilityMonitor:
         return hook
 
     def _loop_hook(self, i: int, out) -> None:
-        if _in_backward():
+        if in_backward():
             return
         x = _local(out).detach().float()
         self._add(f"loop_rms/{i}", x.square().sum(), x.numel())
@@ -154,6 +151,15 @@ class StabilityMonitor:
         parameters to measure the update against."""
         if not self.due:
             return
+        with self._watch():
+            self._after_backward()
+
+    def _watch(self):
+        """The hang watchdog's mark (``dims.watch``) around the monitors' reductions."""
+        watch = getattr(self.dims, "watch", None)
+        return watch("stability monitors") if watch is not None else contextlib.nullcontext()
+
+    def _after_backward(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
@@ -170,11 +176,13 @@ class StabilityMonitor:
         if not self.due:
             return None
         self.due = False
-        params = [p.detach() for p in self.model.parameters()]
-        update = total_norm([p - b for p, b in zip(params, self.before)], self.dims)
-        ratio = float(update) / max(float(total_norm(self.before, self.dims)), 1e-30)
-        self.before = []
-        out = {f"stability/{k}": v for k, v in self._reduced().items()}
+        with self._watch():
+            params = [p.detach() for p in self.model.parameters()]
+            update = total_norm([p - b for p, b in zip(params, self.before)], self.dims)
+            ratio = float(update) / max(float(total_norm(self.before, self.dims)), 1e-30)
+            self.before = []
+            reduced = self._reduced()
+        out = {f"stability/{k}": v for k, v in reduced.items()}
         out.update({f"stability/{k}": v for k, v in self.grad_rms.items()})
         out["stability/update_ratio"] = ratio
         if "stability/logz_mean" in out:
