@@ -29,6 +29,7 @@ from pathlib import Path
 
 from longtrain.cli_common import split_config_args
 from longtrain.config import ConfigError, load_config
+from longtrain.errors import UserError, report_user_error
 
 
 def parse_lrs(text: str, points: int) -> list[float]:
@@ -174,9 +175,8 @@ def _sweep(ns: argparse.Namespace) -> int:
             raise ConfigError(f"--jobs {ns.jobs} must be >= 1.")
         out = Path(ns.out)
         record = sweep_lr(config, overrides, lrs, widths, out, ns.jobs)
-    except ConfigError as e:
-        print(f"longtrain sweep: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:  # a bad argument or override: one line, exit code 2, before any job runs
+        return report_user_error(e, "longtrain sweep")
     failed = [r for r in record["runs"] if r["rc"] != 0]
     print(f"[longtrain sweep] {len(record['runs'])} runs ({len(failed)} failed, "
           f"{sum(r['diverged'] for r in record['runs'])} diverged): {out / 'sweep.json'}"
