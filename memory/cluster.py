@@ -33,8 +33,9 @@ from longtrain.config import Config, ConfigError
 from longtrain.memory.planner import GiB, TIE_FRACTION, Plan, layout_from, machinery, plan, usable
 from longtrain.memory.step_time import H200, Rates
 from longtrain.models.costs import count_params, flops_per_token
+from longtrain.trainer.metrics import GPU_PEAK_BF16
 
-PEAK_BF16 = 989e12  # dense bf16 FLOP/s of one H100/H200 (the MFU convention of docs/performance.md)
+PEAK_BF16 = GPU_PEAK_BF16["H200"]  # the datasheet's dense bf16 rate: the MFU convention of docs/performance.md
 
 
 def _divisors(n: int) -> list[int]:

@@ -16,7 +16,7 @@ import torch
 
 
 # Dense bf16 tensor-core peaks by device name (vendor datasheets, dense, no sparsity).
-_GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12}
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12}
 
 _cpu_peak_cache: dict = {}
 
@@ -25,7 +25,7 @@ def device_peak_flops(device: torch.device) -> tuple[float, str]:
     """The rate MFU is measured against, and where it came from."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, val in _GPU_PEAK_BF16.items():
+        for key, val in GPU_PEAK_BF16.items():
             if key in name:
                 return val, f"{name} dense bf16 datasheet"
         return 989e12, f"{name} (unknown; assumed H100 dense bf16)"
