@@ -22,19 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from test_ckpt_resume import STEPS as CKPT_STEPS
+from test_ckpt_resume import overrides as ckpt_resume_overrides
 from test_launch_common import longtrain_cmd, worker_env
 
-STEPS, FAIL_AT = 8, 5
+STEPS, FAIL_AT = CKPT_STEPS, 5  # schedule.steps comes from test_ckpt_resume's overrides
 
 
 def overrides(run_dir: Path, world: int) -> list[str]:
-    return ["model.arch=llama", "model.vocab_size=264", "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2",
-            "model.ffn_dim=64", "model.n_layers=2", "model.max_seq_len=64", "data.seq_len=32",
-            "data.batch_size=2", "data.stdlib_mb=1", f"schedule.steps={STEPS}", "schedule.warmup_steps=2",
-            "schedule.eval_every=2", "schedule.eval_batches=2", "schedule.device=cpu", "logging.log_every=1",
-            "logging.progress=false", "logging.tensorboard=false", f"logging.run_dir={run_dir}",
-            "checkpoint.every_steps=3", "checkpoint.async_save=false", "checkpoint.save_final=true",
-            "parallel.backend=gloo", "parallel.param_dtype=fp32", f"parallel.dp_shard={world}"]
+    """test_ckpt_resume's run, with evals every 2 steps and synchronous saves (later overrides win)."""
+    return [*ckpt_resume_overrides(run_dir, world), "schedule.eval_every=2", "schedule.eval_batches=2",
+            "checkpoint.async_save=false", "checkpoint.save_final=true"]
 
 
 def go(run_dir: Path, world: int, fault: str = "") -> None:
