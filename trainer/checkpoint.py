@@ -392,7 +392,8 @@ class Checkpointer:
         """A DCP ``DefaultStager`` for one save: pinned buffers filled by a thread while the next
         forward/backward runs. One per save, closed when it is written: under torch 2.11 a stager
         reused for a second save failed inside its copy (``KeyError: <class 'type'>``, on an H200;
-        its cached-buffer path deep-copies the DTensor class), so the buffers are not reused."""
+        the cause inside DCP's stager was not pinned down), so the buffers are not reused -- and
+        each save pins its buffers anew (measured: +6.8 s and +20.1 s a save for a 1B model)."""
         cuda = getattr(getattr(self.dims, "device", None), "type", "cpu") == "cuda"
         self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
                                                     use_async_staging=True, use_non_blocking_copy=cuda))
