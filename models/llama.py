@@ -92,13 +92,18 @@ class Block(nn.Module):
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
     """Sum (not mean) of token losses, so ranks holding different token counts add up exactly;
-    with ``z_loss`` > 0 each labelled token adds ``z_loss * logsumexp(logits)^2`` (PaLM's z-loss)."""
+    with ``z_loss`` > 0 each labelled token adds ``z_loss * logsumexp(logits)^2`` (PaLM's z-loss).
+
+    With z-loss the cross-entropy is formed from the same log-normaliser (``log Z - logit[label]``)
+    instead of calling ``F.cross_entropy`` beside a second ``logsumexp``: one pass over the float32
+    logits instead of two, forward and backward (the logits are the largest tensor of the step)."""
     flat, lab = logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1)
-    loss = F.cross_entropy(flat, lab, ignore_index=IGNORE_INDEX, reduction="sum")
-    if z_loss > 0:
-        log_z = torch.logsumexp(flat, dim=-1)
-        loss = loss + z_loss * torch.where(lab != IGNORE_INDEX, log_z.square(), 0.0).sum()
-    return loss
+    if z_loss <= 0:
+        return F.cross_entropy(flat, lab, ignore_index=IGNORE_INDEX, reduction="sum")
+    labelled = lab != IGNORE_INDEX
+    log_z = torch.logsumexp(flat, dim=-1)
+    picked = flat.gather(1, torch.where(labelled, lab, 0)[:, None]).squeeze(1)
+    return torch.where(labelled, log_z - picked + z_loss * log_z.square(), 0.0).sum()
 
 
 class LMHead(nn.Module):

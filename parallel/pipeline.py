@@ -123,6 +123,7 @@ class PipelineModel(nn.Module):
         self.has_first = any(s.is_first for s in stages)
         self.has_last = any(s.is_last for s in stages)
         self._denominator = torch.ones((), device=dims.device)
+        self.z_loss = 0.0  # optim.z_loss, set by build_pipeline
         self._shared: list = []  # (group or None, [(name, [local copies])]) -- see _plan_shared
         # a tied weight's other names -> the name the whole model's optimizer state uses (its first)
         self.tied_names: dict[str, str] = {}
@@ -132,7 +133,10 @@ class PipelineModel(nn.Module):
                         "(trainer.step.forward_backward) and loss_sum() (evaluate).")
 
     def loss_fn(self, logits, labels):
-        return cross_entropy_sum(logits, labels) / self._denominator.to(torch.float32)
+        # the pipeline computes the loss from the last stage's logits, so the head's z-loss
+        # (``optim.z_loss``, training only, as ``LMHead`` adds it) is added here
+        z_loss = self.z_loss if self.training else 0.0
+        return cross_entropy_sum(logits, labels, z_loss) / self._denominator.to(torch.float32)
 
     def _inputs(self, batches: list[dict]):
         dev = self.dims.device
@@ -287,6 +291,7 @@ def build_pipeline(model: nn.Module, dims, cfg) -> PipelineModel:
     stages = [PipelineStage(part, stage_index=s, num_stages=n_stages, device=dims.device, group=group)
               for part, s in zip(parts, local)]
     pm = PipelineModel(parts, stages, None, specs, ranks, dims, n_mb)
+    pm.z_loss = cfg.optim.z_loss
     cls = schedule_class(cfg.parallel.pp_schedule)
     if cfg.parallel.pp_schedule in MULTI_STAGE_SCHEDULES:
         pm.schedule = cls(stages, n_microbatches=n_mb, loss_fn=pm.loss_fn, scale_grads=False)

@@ -140,6 +140,7 @@ def compare_pipeline(model_over: list[str], parallel: dict, seq_len: int = 16) -
             lora.B.normal_(std=0.05)
     ref = build_model(cfg.model)  # not deepcopy: a copy would share the LoRA hooks' closures
     ref.load_state_dict(model.state_dict())
+    ref.set_z_loss(cfg.optim.z_loss)  # what trainer.train.setup does (build_pipeline reads the config)
     global_batch = cfg.data.batch_size * dims.dp_size
     batches = [make_batch(cfg, global_batch, step) for step in (0, 1, 2, 0)]
     expect = _reference(ref, batches, clip=0.5)
@@ -188,6 +189,14 @@ SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"]
 def test_pp2_schedule_matches_single_process(schedule):
     assert_equal_to_single_process(run_distributed(
         compare_pipeline, 2, LLAMA, {"pp": 2, "pp_schedule": schedule}, init_process_group=False))
+
+
+def test_pp2_with_stability_options_and_z_loss_matches_single_process():
+    """Peri-LN, QK-norm and z-loss under a pipeline: the loss is formed from the last stage's logits
+    outside the model's head, so a pipeline that dropped the z-loss fails the loss comparison."""
+    assert_equal_to_single_process(run_distributed(
+        compare_pipeline, 2, LLAMA + ["model.norm_placement=peri", "model.qk_norm=true", "optim.z_loss=0.05"],
+        {"pp": 2, "pp_schedule": "1f1b"}, init_process_group=False))
 
 
 def test_looped_r4_core_on_both_stages_matches_single_process():
