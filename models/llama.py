@@ -93,7 +93,9 @@ class Block(nn.Module):
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
     """Sum (not mean) of token losses, so ranks holding different token counts add up exactly;
     with ``z_loss`` > 0 each labelled token adds ``z_loss * logsumexp(logits)^2`` (PaLM's z-loss)."""
-    flat, lab = logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    # at least float32 (bf16 logits are widened; float64 ones, in the tests, stay float64)
+    flat = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1])
+    lab = labels.reshape(-1)
     loss = F.cross_entropy(flat, lab, ignore_index=IGNORE_INDEX, reduction="sum")
     if z_loss > 0:
         log_z = torch.logsumexp(flat, dim=-1)
