@@ -88,7 +88,8 @@ class ModelConfig:
     hyper_streams: int = 1  # residual streams mixed after each loop iteration (Hyperloop); 1 = off
     # stability options (issue 23), off by default: they change the numerics
     norm_placement: Literal["pre", "peri"] = "pre"  # peri: also a norm on each sublayer's output, inside the residual branch
-    qk_norm: bool = False  # RMSNorm per head on queries and keys, before rotary (Qwen3's attention)
+    qk_norm: bool = False  # RMSNorm per head on queries and keys, before rotary (Qwen3's attention); gdn core
+    # layers have none: their core already L2-normalises q and k per head (models.linear_attention)
     loop_norm: bool = False  # looped models: RMSNorm on the core's output after every iteration
 
     @property
@@ -455,24 +456,9 @@ def validate(cfg: Config) -> Config:
     elif m.loop_norm:
         raise ConfigError("model.loop_norm=true normalises a looped core's output; it needs model.arch=looped "
                           "(use model.norm_placement=peri for a Llama).")
-    if m.qk_norm and m.arch == "looped" and m.lora_rank > 0 and cfg.parallel.tp > 1:
-        # tests/test_stability_options.py measured gradients off by up to 1e-3 (relative) for this
-        # combination only; refused rather than trained subtly wrong
-        raise ConfigError(f"model.qk_norm=true with model.lora_rank={m.lora_rank} under parallel.tp={cfg.parallel.tp} "
-                          f"is not supported yet (QK-norm after a per-loop LoRA under tensor parallelism); set "
-                          f"model.lora_rank=0, parallel.tp=1 or model.qk_norm=false.")
-    if m.norm_placement == "peri" and m.arch == "looped" and cfg.parallel.sp > 1:
-        # tests measured the second step's gradients 10-42% off one process for this combination
-        # only (cause not found); refused rather than trained subtly wrong
-        raise ConfigError(f"model.norm_placement=peri on a looped model under parallel.sp={cfg.parallel.sp} is not "
-                          f"supported yet (its gradients differ from one process); use parallel.sp=1, "
-                          f"model.norm_placement=pre, or model.loop_norm=true for a normalised looped core.")
     if cfg.logging.stability_every and cfg.parallel.pp > 1:
         raise ConfigError(f"logging.stability_every={cfg.logging.stability_every} needs parallel.pp=1 (the monitors "
                           f"do not follow pipeline stages yet); set logging.stability_every=0 with parallel.pp > 1.")
-    if (m.qk_norm or m.norm_placement != "pre") and "gdn" in (m.core_attention or []):
-        raise ConfigError("model.qk_norm and model.norm_placement=peri are not supported with gated delta rule core "
-                          "layers (model.core_attention holds gdn) yet; leave them at false/pre for an LT2 core.")
     if not 0.0 <= cfg.memory.offload_fraction <= 1.0:
         raise ConfigError(f"memory.offload_fraction={cfg.memory.offload_fraction} must be in [0, 1]: the share of "
                           f"each saved tensor sent to the CPU; set a value between 0 and 1.")

@@ -121,7 +121,8 @@ def count_params(m) -> dict:
     extra = lora_params(m) + reinject_params(m) + hyper_params(m) + \
         (m.dim if m.arch == "looped" and m.loop_norm else 0)
     gdn = core_mixers(m).count("gdn") if m.arch == "looped" else 0
-    gdn_block = 2 * m.dim + m.n_heads + gdn_block_matmul_params(m)  # norms, the decay bias, matmuls
+    # norms (no QK-norm: the gated delta rule L2-normalises q and k itself), the decay bias, matmuls
+    gdn_block = (4 if m.norm_placement == "peri" else 2) * m.dim + m.n_heads + gdn_block_matmul_params(m)
     blocks = (n_blocks - gdn) * block_params(m) + gdn * gdn_block
     # "block": the largest block (what one FSDP unit gathers; the planner's per-block terms)
     return {"embedding": emb, "blocks": blocks, "block": max(block_params(m), gdn_block if gdn else 0),

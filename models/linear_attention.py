@@ -10,10 +10,12 @@ S in R^{d_k x d_v}, a decay alpha_t = exp(g_t) in (0, 1] and a write strength be
 
     S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,     o_t = scale * S_t^T q_t
 
-q and k are L2-normalised per head (inside the core). Cost per token is O(d_k d_v) per head, independent of the
-sequence length: this is what makes a looped core cheap at a million tokens. A document start
-sets alpha_t = 0 (g_t = -inf), which empties the state exactly, so packed documents never see each
-other -- the block-diagonal mask of attention, for free.
+q and k are L2-normalised per head (inside the core; so ``model.qk_norm`` adds no norm to a gdn
+layer, while Peri-LN's output norm wraps it like attention, ``models.looped.core_block``). Cost
+per token is O(d_k d_v) per head, independent of the sequence length: this is what makes a looped
+core cheap at a million tokens. A document start sets alpha_t = 0 (g_t = -inf), which empties the
+state exactly, so packed documents never see each other -- the block-diagonal mask of attention,
+for free.
 
 Kernels (``select_gdn_kernel``, one rule): ``fla`` is flash-linear-attention's Triton
 ``chunk_gated_delta_rule`` (CUDA only; packed documents go through its ``cu_seqlens``);
@@ -251,7 +253,7 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x, cos=None, sin=None, doc_ids=None):
         shape = (*x.shape[:2], -1, self.head_dim)  # head count from the projection: tp-local heads
         q, k, v = self.wq(x).view(shape), self.wk(x).view(shape), self.wv(x).view(shape)
-        g = -F.softplus(self.wa(x).float())
+        g = -F.softplus(self.wa(x).to(torch.promote_types(x.dtype, torch.float32)))  # at least float32
         beta = torch.sigmoid(self.wb(x))
         out = self.core(q, k, v, g, beta, doc_ids)
         out = F.rms_norm(out, (self.head_dim,)) * F.silu(self.wg(x).view(shape))

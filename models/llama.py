@@ -97,7 +97,9 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, z_loss: float 
     With z-loss the cross-entropy is formed from the same log-normaliser (``log Z - logit[label]``)
     instead of calling ``F.cross_entropy`` beside a second ``logsumexp``: one pass over the float32
     logits instead of two, forward and backward (the logits are the largest tensor of the step)."""
-    flat, lab = logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    # at least float32 (bf16 logits are widened; float64 ones, in the tests, stay float64)
+    flat = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1])
+    lab = labels.reshape(-1)
     if z_loss <= 0:
         return F.cross_entropy(flat, lab, ignore_index=IGNORE_INDEX, reduction="sum")
     labelled = lab != IGNORE_INDEX

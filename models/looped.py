@@ -72,7 +72,12 @@ class _LoRAHook:
 
 
 def core_block(cfg, mixer: str) -> Block:
-    """A core layer: a ``Block`` whose ``attention`` is a gated delta rule layer for ``gdn``."""
+    """A core layer: a ``Block`` whose ``attention`` is a gated delta rule layer for ``gdn``.
+
+    The stability options apply to a gdn layer as far as they mean something there: Peri-LN's
+    output norms belong to the ``Block`` and wrap the mixer like attention; ``model.qk_norm`` adds
+    nothing, since the gated delta rule already L2-normalises q and k per head inside its core.
+    """
     block = Block(cfg)
     if mixer == "gdn":
         block.attention = GatedDeltaNet(cfg.dim, cfg.n_heads, cfg.gdn_kernel)

@@ -82,7 +82,7 @@ def block_plan(m=None, mixer: str = "full") -> dict:
         # sequence shard, and hand a plain tensor back to the (plain) residual add
         plan["attention_out_norm"] = SequenceParallel(use_local_output=True)
         plan["ffn_out_norm"] = SequenceParallel(use_local_output=True)
-    if m is not None and m.qk_norm:
+    if m is not None and m.qk_norm and mixer != "gdn":  # a gdn mixer has no QK-norm (its core L2-normalises)
         # q, k: [B, S, local heads, head_dim] -- sharded over tp along the heads (dim 2); the
         # head_dim weight is replicated and its gradient summed over the heads of every rank
         plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
