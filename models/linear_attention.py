@@ -60,7 +60,8 @@ def fla_available() -> bool:
 def fla_blocked(device: torch.device) -> str | None:
     """Why fla cannot run here, or None. fla 0.6's gated backward refuses Hopper GPUs with Triton
     >= 3.4.0 and < 3.7.1 (wrong results, fla issue #640) unless tilelang is installed: seen on an
-    H200 with torch 2.11's Triton 3.6.0, where it raised inside the first backward."""
+    H200 with torch 2.11's Triton 3.6.0, where it raised inside the first backward; with tilelang
+    0.1.15 installed there fla ran and matched the reference (docs/performance.md)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     if torch.cuda.get_device_capability(device)[0] != 9:
