@@ -200,6 +200,9 @@ class DataConfig:
     stdlib_mb: float = 4.0  # source=stdlib: MB of standard-library source to train on
     synthetic_docs: int = 4096  # source=synthetic: number of random documents
     synthetic_doc_len: int = 512  # source=synthetic: mean document length in tokens
+    # source=synthetic: 0 = uniform random tokens; P > 0 = each document repeats its first P random
+    # tokens, so the rest is predictable only through attention (the LR sweep's learnable proxy task)
+    synthetic_period: int = 0
 
 
 @dataclass
@@ -487,6 +490,9 @@ def validate(cfg: Config) -> Config:
     for key in ("pack_window", "synthetic_docs", "synthetic_doc_len", "stdlib_mb"):
         if not getattr(cfg.data, key) > 0:
             raise ConfigError(f"data.{key}={getattr(cfg.data, key)!r} must be > 0; set a positive value.")
+    if cfg.data.synthetic_period < 0:
+        raise ConfigError(f"data.synthetic_period={cfg.data.synthetic_period} must be >= 0: 0 for uniform random "
+                          f"tokens, or the length of the pattern each synthetic document repeats.")
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
                           f"raise model.max_seq_len or shorten data.seq_len.")
