@@ -470,9 +470,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.norm_placement=peri on a looped model under parallel.sp={cfg.parallel.sp} is not "
                           f"supported yet (its gradients differ from one process); use parallel.sp=1, "
                           f"model.norm_placement=pre, or model.loop_norm=true for a normalised looped core.")
-    if cfg.logging.stability_every and cfg.parallel.pp > 1:
-        raise ConfigError(f"logging.stability_every={cfg.logging.stability_every} needs parallel.pp=1 (the monitors "
-                          f"do not follow pipeline stages yet); set logging.stability_every=0 with parallel.pp > 1.")
     if (m.qk_norm or m.norm_placement != "pre") and "gdn" in (m.core_attention or []):
         raise ConfigError("model.qk_norm and model.norm_placement=peri are not supported with gated delta rule core "
                           "layers (model.core_attention holds gdn) yet; leave them at false/pre for an LT2 core.")
