@@ -231,7 +231,8 @@ class StabilityMonitor:
         if not self.due:
             return None
         self.due = False
-        self._add("update", *_sum_squares([p.detach() - b for p, b in zip(self.params, self.before)], self.dims))
+        # one parameter's difference at a time, not a second copy of the model
+        self._add("update", *_sum_squares((p.detach() - b for p, b in zip(self.params, self.before)), self.dims))
         self._add("param", *_sum_squares(self.before, self.dims))
         self.params, self.before = [], []
         with self._watch():
@@ -274,8 +275,10 @@ class StabilityMonitor:
         dev = self.dims.device
         zero = torch.zeros((), dtype=torch.float64, device=dev)
         low = torch.full((), -math.inf, dtype=torch.float64, device=dev)
-        s = torch.cat([torch.stack([self.sums.get(k, zero) for k in skeys]) if skeys else zero[None][:0],
-                       torch.tensor([self.counts.get(k, 0.0) for k in skeys], dtype=torch.float64, device=dev)])
+        # the counts are host numbers: copied from pinned memory, so the copy does not wait for the GPU
+        counts = torch.tensor([self.counts.get(k, 0.0) for k in skeys], dtype=torch.float64,
+                              pin_memory=dev.type == "cuda").to(dev, non_blocking=True)
+        s = torch.cat([torch.stack([self.sums.get(k, zero) for k in skeys]) if skeys else zero[None][:0], counts])
         m = torch.stack([self.maxes.get(k, low) for k in mkeys]) if mkeys else low[None][:0]
         if self.dims.world_size > 1:
             dist.all_reduce(s, op=dist.ReduceOp.SUM)
