@@ -37,6 +37,12 @@ the schedule, each copy's gradient is replaced by the sum over all copies: summe
 takes the same optimizer step and stays equal. The gradient norm counts one copy only: the
 others are marked ``_pp_replica`` and ``parallel.reduce.grad_norm`` skips them.
 
+What the instability monitors ask (``trainer/stability.py``): ``blocks()``, ``loss_head()`` and
+``on_loop_output`` answer for this rank's stages as a model answers for itself, with the whole
+model's names; ``in_shape_inference()`` is true while torch's schedule runs a stage forward only to
+infer shapes (its first step, and the first after switching between training and evaluation),
+whose inputs are not the batch's.
+
 Checkpoint names. ``PipelineModel`` holds its stages as ``parts.<i>``, so ``get_state_dict`` names
 a weight ``parts.1.layers.5.attention.wq.weight``. ``checkpoint_key`` gives the whole model's name
 instead (the stage models keep the full model's names, so dropping ``parts.<i>.`` is enough; for

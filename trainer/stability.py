@@ -72,7 +72,7 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, doc_ids: torch.Tensor | No
     qs = (q[:, S - n:].float() * D ** -0.5).view(B, n, Hk, rep, D)
     # key heads per chunk: [B, chunk, rep, n, S] scores at most ATTENTION_BLOCK_ELEMENTS
     chunk = max(1, min(Hk, ATTENTION_BLOCK_ELEMENTS // max(1, B * rep * n * S)))
-    top = torch.tensor(-math.inf, device=q.device)
+    top = torch.full((), -math.inf, device=q.device)  # a fill, not a copy from the host
     ent = torch.zeros((), dtype=torch.float64, device=q.device)
     for h in range(0, Hk, chunk):
         s = torch.einsum("bnhrd,bshd->bhrns", qs[:, :, h:h + chunk], k[:, :, h:h + chunk].float())
