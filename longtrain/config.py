@@ -388,7 +388,7 @@ _NON_NEGATIVE = {
     "checkpoint.keep_every", "checkpoint.every_seconds", "checkpoint.max_rollbacks", "launch.max_restarts", "launch.master_port", "launch.ray.num_cpus",
     "launch.ray.cpus_per_worker", "launch.ray.gpus_per_worker", "launch.slurm.gpus_per_node",
     "launch.slurm.signal_seconds", "optim.spike_factor", "memory.gpu_budget_gb", "eval.loops_past",
-    "data.length_weighting", "optim.z_loss", "logging.stability_every",
+    "data.length_weighting", "optim.z_loss", "logging.stability_every", "data.synthetic_period",
 }
 
 
@@ -487,9 +487,6 @@ def validate(cfg: Config) -> Config:
     for key in ("pack_window", "synthetic_docs", "synthetic_doc_len", "stdlib_mb"):
         if not getattr(cfg.data, key) > 0:
             raise ConfigError(f"data.{key}={getattr(cfg.data, key)!r} must be > 0; set a positive value.")
-    if cfg.data.synthetic_period < 0:
-        raise ConfigError(f"data.synthetic_period={cfg.data.synthetic_period} must be >= 0: 0 for uniform random "
-                          f"tokens, or the length of the pattern each synthetic document repeats.")
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
                           f"raise model.max_seq_len or shorten data.seq_len.")
