@@ -48,12 +48,13 @@ def open_documents(cfg, vocab_size: int, bad: Optional[BadDocuments] = None) -> 
     """The configured documents and the padding id (always < vocab_size). Cached per process,
     so the train and eval loaders share one reader."""
     key = (cfg.source, cfg.path, cfg.tokenizer, vocab_size, cfg.on_bad_document, cfg.seed,
-           cfg.synthetic_docs, cfg.synthetic_doc_len, cfg.stdlib_mb, cfg.verify_checksums)
+           cfg.synthetic_docs, cfg.synthetic_doc_len, cfg.synthetic_period, cfg.stdlib_mb, cfg.verify_checksums)
     if key in _DOCS_CACHE:
         return _DOCS_CACHE[key]
     bad = bad or BadDocuments(cfg.on_bad_document)
     if cfg.source == "synthetic":
-        docs, pad = SyntheticDocuments(cfg.synthetic_docs, cfg.synthetic_doc_len, vocab_size, cfg.seed), 0
+        docs, pad = SyntheticDocuments(cfg.synthetic_docs, cfg.synthetic_doc_len, vocab_size, cfg.seed,
+                                       cfg.synthetic_period), 0
     elif cfg.source == "megatron":
         _need_path(cfg)
         docs = MegatronDocuments(cfg.path, vocab_size=vocab_size, bad=bad)

@@ -92,11 +92,15 @@ class SyntheticDocuments(Documents):
     Lengths follow a log-normal around ``mean_len`` (clipped to [2, 64 * mean_len]) so packing sees
     a realistic spread of short and long documents; tokens are uniform in ``[0, vocab_size)``.
     Nothing is stored but the lengths, so it scales to any benchmark size.
+
+    With ``period`` > 0 a document repeats its first ``period`` random tokens to its length: every
+    token after the first period is the one ``period`` places back, so it can be predicted only
+    through attention (a task a tiny model learns in a few hundred steps; the LR sweep's proxy).
     """
 
-    def __init__(self, n_docs: int, mean_len: int, vocab_size: int, seed: int = 0):
+    def __init__(self, n_docs: int, mean_len: int, vocab_size: int, seed: int = 0, period: int = 0):
         self.name = "synthetic"
-        self.seed, self.vocab_size = seed, vocab_size
+        self.seed, self.vocab_size, self.period = seed, vocab_size, period
         rng = np.random.default_rng([seed, 0x5EED])
         sigma = 1.0
         raw = rng.lognormal(np.log(mean_len) - sigma * sigma / 2, sigma, size=n_docs)
@@ -104,7 +108,10 @@ class SyntheticDocuments(Documents):
 
     def get(self, i: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, 1, int(i)])
-        return rng.integers(0, self.vocab_size, size=int(self.lengths[i]), dtype=np.int32)
+        n = int(self.lengths[i])
+        if self.period:
+            return np.resize(rng.integers(0, self.vocab_size, size=min(self.period, n), dtype=np.int32), n)
+        return rng.integers(0, self.vocab_size, size=n, dtype=np.int32)
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,6 +37,12 @@ the schedule, each copy's gradient is replaced by the sum over all copies: summe
 takes the same optimizer step and stays equal. The gradient norm counts one copy only: the
 others are marked ``_pp_replica`` and ``parallel.reduce.grad_norm`` skips them.
 
+What the instability monitors ask (``trainer/stability.py``): ``blocks()``, ``loss_head()`` and
+``on_loop_output`` answer for this rank's stages as a model answers for itself, with the whole
+model's names; ``in_shape_inference()`` is true while torch's schedule runs a stage forward only to
+infer shapes (its first step, and the first after switching between training and evaluation),
+whose inputs are not the batch's.
+
 Checkpoint names. ``PipelineModel`` holds its stages as ``parts.<i>``, so ``get_state_dict`` names
 a weight ``parts.1.layers.5.attention.wq.weight``. ``checkpoint_key`` gives the whole model's name
 instead (the stage models keep the full model's names, so dropping ``parts.<i>.`` is enough; for
@@ -46,7 +52,9 @@ checkpoint manager saves under those names, so a checkpoint loads into any pipel
 
 from __future__ import annotations
 
+import functools
 import re
+import threading
 from collections import defaultdict
 
 import torch
@@ -74,6 +82,42 @@ from longtrain.parallel.pipeline_split import (
     stage_ranks,
 )
 from longtrain.parallel.reduce import all_reduce_sum
+
+
+_inference = threading.local()
+# the PipelineStage methods that run a stage forward on metadata-inference inputs (torch >= 2.12
+# and earlier releases)
+_INFERENCE_METHODS = ("_forward_metadata_inference", "_shape_inference")
+
+
+def in_shape_inference() -> bool:
+    """True while a schedule runs a stage's forward to infer its input and output shapes (the
+    first step, and the first after switching between ``step`` and ``loss_sum``): the first stage
+    sees a real micro-batch, later stages uninitialised tensors, and none of it is the step's
+    computation. The instability monitors skip these forwards."""
+    return getattr(_inference, "active", False)
+
+
+def _mark_shape_inference(stage: PipelineStage) -> bool:
+    """Make ``in_shape_inference()`` true during ``stage``'s metadata-inference forward; False
+    when this torch has none of the known methods."""
+    marked = False
+    for name in _INFERENCE_METHODS:
+        infer = getattr(stage, name, None)
+        if infer is None:
+            continue
+
+        @functools.wraps(infer)
+        def inferring(*args, _infer=infer, **kwargs):
+            _inference.active = True
+            try:
+                return _infer(*args, **kwargs)
+            finally:
+                _inference.active = False
+
+        setattr(stage, name, inferring)
+        marked = True
+    return marked
 
 
 def schedule_class(name: str):
@@ -172,6 +216,23 @@ class PipelineModel(nn.Module):
         losses: list = []
         self.schedule.eval(*args, target=target, losses=losses if self.has_last else None, **kwargs)
         return self._pipeline_sum(losses)
+
+    # ------------------------------------------------------------------ what this rank runs
+
+    def blocks(self) -> list:
+        """The blocks of this rank's stages (``models.units.BlockRef``), named as in the whole
+        model (the stage models keep its names); a looped core on several local stages is listed
+        once per copy. The instability monitors hook these."""
+        return [ref for part in self.parts for ref in part.blocks()]
+
+    def loss_head(self) -> nn.Module | None:
+        """The head of the last stage when this rank runs it, else None."""
+        return next((head for part in self.parts if (head := part.loss_head()) is not None), None)
+
+    def on_loop_output(self, fn) -> list:
+        """``fn(iteration, output)`` after every core iteration this rank's stages run (global
+        iteration indices); the hook handles."""
+        return [h for part in self.parts for h in part.on_loop_output(fn)]
 
     # ------------------------------------------------------------------ shared weights
 
@@ -290,6 +351,11 @@ def build_pipeline(model: nn.Module, dims, cfg) -> PipelineModel:
     group = dims.get_group("pp")
     stages = [PipelineStage(part, stage_index=s, num_stages=n_stages, device=dims.device, group=group)
               for part, s in zip(parts, local)]
+    marked = [_mark_shape_inference(stage) for stage in stages]
+    if cfg.logging.stability_every and not all(marked):
+        raise ConfigError(f"logging.stability_every={cfg.logging.stability_every} with parallel.pp={dims.pp}: this "
+                          f"torch {torch.__version__} has none of the PipelineStage methods {_INFERENCE_METHODS} "
+                          f"the monitors need to skip its shape-inference forward; set logging.stability_every=0.")
     pm = PipelineModel(parts, stages, None, specs, ranks, dims, n_mb)
     pm.z_loss = cfg.optim.z_loss
     cls = schedule_class(cfg.parallel.pp_schedule)

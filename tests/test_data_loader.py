@@ -177,3 +177,24 @@ def test_a_tokenizer_larger_than_the_model_vocab_is_refused():
 def test_seq_len_must_divide_by_sp():
     with pytest.raises(DataError, match="not divisible by parallel.sp=3"):
         build_loader(_cfg(), vocab_size=VOCAB, sp_rank=0, sp_size=3)
+
+
+def test_synthetic_period_documents_repeat_their_first_period_tokens():
+    from longtrain.data.sources import SyntheticDocuments
+
+    plain = SyntheticDocuments(50, 40, VOCAB, seed=7)
+    periodic = SyntheticDocuments(50, 40, VOCAB, seed=7, period=8)
+    assert np.array_equal(plain.lengths, periodic.lengths)  # same packing, only the contents differ
+    for i in range(50):
+        d = periodic.get(i)
+        assert len(d) == plain.lengths[i] and d.min() >= 0 and d.max() < VOCAB
+        assert np.array_equal(d[8:], d[:-8])  # every token after the first period is the one 8 back
+        assert np.array_equal(d[:8], plain.get(i)[:8])
+    assert not all(np.array_equal(plain.get(i)[8:], plain.get(i)[:-8]) for i in range(50))
+
+
+def test_a_negative_synthetic_period_is_one_config_error():
+    from longtrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data.synthetic_period=-1 must be >= 0"):
+        load_config(None, ["data.source=synthetic", "data.synthetic_period=-1"])

@@ -187,3 +187,58 @@ def test_monitors_under_tensor_and_sequence_parallel_equal_one_process():
         assert set(r["got"]) == set(r["expect"]), parallel
         for k, v in r["expect"].items():
             assert math.isclose(r["got"][k], v, rel_tol=1e-4, abs_tol=1e-6), (parallel, k, r["got"][k], v)
+
+
+def monitor_in_pipeline(model_over: list[str], parallel: dict) -> dict:
+    """One monitored trainer step (``trainer.step.forward_backward``) through the pipeline schedule
+    and on a plain copy in this process; every rank returns both."""
+    from test_parallel_equivalence import local_slice, make_batch, make_config
+
+    from longtrain.parallel import init_distributed
+    from longtrain.parallel.pipeline import build_pipeline
+    from longtrain.trainer.step import forward_backward
+
+    over = model_over + ["logging.stability_every=1", "logging.stability.queries=8", "logging.stability.tokens=64"]
+    cfg = make_config(over, parallel)
+    dims = init_distributed(cfg)
+    cfg_one = make_config(over, {})
+    one = ParallelDims.from_config(cfg_one, world_size=1)
+    batch = make_batch(cfg, 2 * dims.dp_size, 0, docs=True)
+
+    def measure(model, d, c, feed):
+        mon = StabilityMonitor(model, c.logging, d)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        mon.begin(0)
+        forward_backward(model, [feed(batch)], d, c, None)
+        mon.after_backward()
+        opt.step()
+        return mon.end(1)
+
+    torch.manual_seed(0)
+    expect = measure(build_model(cfg.model), one, cfg_one, lambda b: b)
+    torch.manual_seed(0)
+    got = measure(build_pipeline(build_model(cfg.model), dims, cfg), dims, cfg, lambda b: local_slice(b, dims))
+    return {"got": got, "expect": expect}
+
+
+def test_monitors_under_pipeline_parallel_equal_one_process_with_global_layer_names():
+    """pp=2: each stage measures the blocks it holds, the last one the output logits; rank 0 (the
+    first stage) logs every layer under its global name. The looped model runs its core on both
+    ranks, two stages per rank (interleaved 1F1B): the core's per-iteration RMS, its blocks'
+    attention and its shared weights (counted once) come from both."""
+    from dist_utils import run_distributed
+
+    llama = ["model.arch=llama", "model.vocab_size=64", "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2",
+             "model.ffn_dim=64", "model.n_layers=4", "model.max_seq_len=64", "model.qk_norm=true"]
+    looped = ["model.arch=looped", "model.vocab_size=64", "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2",
+              "model.ffn_dim=64", "model.n_prelude=1", "model.n_core=2", "model.n_coda=1", "model.loops=3",
+              "model.loops_max=3", "model.lora_rank=2", "model.tie_embeddings=true", "model.max_seq_len=64"]
+    cases = [(llama, {"pp": 2, "pp_microbatches": 2}, ["attn_max_logit/layers.3", "grad_rms/layers.0"]),
+             (looped, {"pp": 2, "pp_microbatches": 2, "pp_schedule": "interleaved_1f1b", "pp_virtual_stages": 2},
+              ["loop_rms/2", "attn_entropy/core.layers.1", "grad_rms/coda.0"])]
+    for model_over, parallel, names in cases:
+        for rank, r in enumerate(run_distributed(monitor_in_pipeline, 2, model_over, parallel, init_process_group=False)):
+            assert {f"stability/{n}" for n in names} <= set(r["expect"]), (parallel, names)
+            assert set(r["got"]) == set(r["expect"]), (parallel, rank, set(r["got"]) ^ set(r["expect"]))
+            for k, v in r["expect"].items():
+                assert math.isclose(r["got"][k], v, rel_tol=1e-4, abs_tol=1e-6), (parallel, rank, k, r["got"][k], v)

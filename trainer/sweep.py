@@ -194,7 +194,12 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                                       "and learning rate, each its own `longtrain train` process; write "
                                       "<out>/sweep.json and <out>/sweep.png (final loss against LR, one line per "
                                       "width; diverged runs marked). Overrides apply to every run, e.g. "
-                                      "model.qk_norm=true or optim.z_loss=1e-4.")
+                                      "model.qk_norm=true or optim.z_loss=1e-4; schedule.steps and "
+                                      "schedule.warmup_steps set the run length and warmup. A CPU proxy where "
+                                      "QK-norm separates the loss (README, Training stability): data.source="
+                                      "synthetic data.synthetic_period=8 (repeated random patterns, learnable only "
+                                      "through attention) model.vocab_size=32 model.n_heads=1 model.n_kv_heads=1 "
+                                      "schedule.steps=300 schedule.warmup_steps=100 --widths 32.")
     lr.add_argument("args", nargs="*", metavar="[CONFIG] [section.key=value ...]")
     lr.add_argument("--lrs", default="1e-4..1e-1", help="LO..HI (log-spaced, --points values) or a comma list")
     lr.add_argument("--points", type=int, default=4, help="learning rates in a LO..HI range")
