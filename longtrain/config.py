@@ -90,6 +90,7 @@ class ModelConfig:
     norm_placement: Literal["pre", "peri"] = "pre"  # peri: also a norm on each sublayer's output, inside the residual branch
     qk_norm: bool = False  # RMSNorm per head on queries and keys, before rotary (Qwen3's attention)
     loop_norm: bool = False  # looped models: RMSNorm on the core's output after every iteration
+    sigma_reparam: bool = False  # σReparam: each block linear computes with gamma / sigma(W) * W (models/sigma_reparam.py)
 
     @property
     def head_dim(self) -> int:
@@ -470,6 +471,17 @@ def validate(cfg: Config) -> Config:
     if cfg.logging.stability_every and cfg.parallel.pp > 1:
         raise ConfigError(f"logging.stability_every={cfg.logging.stability_every} needs parallel.pp=1 (the monitors "
                           f"do not follow pipeline stages yet); set logging.stability_every=0 with parallel.pp > 1.")
+    if m.sigma_reparam and "gdn" in (m.core_attention or []):
+        raise ConfigError("model.sigma_reparam=true is not supported with gated delta rule core layers "
+                          "(model.core_attention holds gdn) yet; set model.sigma_reparam=false for an LT2 core.")
+    if m.sigma_reparam and cfg.parallel.pp > 1:
+        raise ConfigError(f"model.sigma_reparam=true with parallel.pp={cfg.parallel.pp} is not tested yet (its "
+                          f"one-power-iteration-per-step rule is checked without pipeline stages only); set "
+                          f"parallel.pp=1 or model.sigma_reparam=false.")
+    if m.sigma_reparam and cfg.checkpoint.init_from_hf:
+        raise ConfigError("model.sigma_reparam=true with checkpoint.init_from_hf: a Hugging Face checkpoint has no "
+                          "gamma, u, v for its linears; train from scratch with sigma_reparam, or set "
+                          "model.sigma_reparam=false to fine-tune it.")
     if (m.qk_norm or m.norm_placement != "pre") and "gdn" in (m.core_attention or []):
         raise ConfigError("model.qk_norm and model.norm_placement=peri are not supported with gated delta rule core "
                           "layers (model.core_attention holds gdn) yet; leave them at false/pre for an LT2 core.")
