@@ -117,7 +117,8 @@ class SigmaReparamLinear(nn.Linear):
         self.out_features, self.in_features = weight.shape
         self.weight = weight
         self.register_parameter("bias", None)
-        kw = {"device": weight.device, "dtype": torch.float32}
+        # the estimates and gamma in float32 at least (a bf16 weight's sigma is computed upcast)
+        kw = {"device": weight.device, "dtype": torch.promote_types(weight.dtype, torch.float32)}
         self.gamma = nn.Parameter(torch.ones(1, **kw))  # one element, not a scalar: FSDP2 shards along dim 0
         self.register_buffer("u", torch.zeros(self.out_features, **kw))
         self.register_buffer("v", torch.zeros(self.in_features, **kw))

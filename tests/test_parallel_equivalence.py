@@ -108,15 +108,12 @@ def full_grad(p: torch.Tensor) -> torch.Tensor:
     return g.full_tensor() if isinstance(g, DTensor) else g
 
 
-def train_steps(model, batches, dims, feed, lr: float = 1e-2, optimizer: str = "adamw") -> dict:
-    """The trainer's step, 3 times, then one more forward: losses, first-step grads and norms.
-    ``optimizer="sgd"`` (plain SGD) for comparisons that Adam's first, sign-like update would turn
-    from rounding differences into visible ones."""
+def train_steps(model, batches, dims, feed, lr: float = 1e-2) -> dict:
+    """The trainer's step, 3 times, then one more forward: losses, first-step grads and norms."""
     from longtrain.models.sigma_reparam import begin_train_step
     from longtrain.parallel import all_reduce_sum, clip_grad_norm_
 
-    opt = (torch.optim.SGD(model.parameters(), lr=lr) if optimizer == "sgd"
-           else torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     out = {"losses": [], "norms": []}
     for step, batch in enumerate(batches):
         begin_train_step(model)  # what trainer.step.forward_backward does (σReparam's power iteration)
@@ -140,8 +137,7 @@ def _rel(a: float, b: float) -> float:
 
 
 def compare_layout(model_over: list[str], parallel: dict, docs: bool = False, swap_sp: bool = False,
-                   bad_a2a: bool = False, lora_b_std: float = 0.05, lr: float = 1e-2,
-                   optimizer: str = "adamw") -> dict:
+                   bad_a2a: bool = False, lora_b_std: float = 0.05, lr: float = 1e-2) -> dict:
     """Runs on every rank: reference vs parallel; returns the worst relative errors."""
     from longtrain.models import build_model
     from longtrain.parallel import ParallelDims, init_distributed, parallelize
@@ -166,7 +162,7 @@ def compare_layout(model_over: list[str], parallel: dict, docs: bool = False, sw
     batches = [make_batch(cfg, 2 * dims.dp_size, step, docs) for step in (0, 1, 2, 0)]
 
     one = ParallelDims.from_config(make_config(model_over, {}), world_size=1)
-    expect = train_steps(ref, batches, one, feed=lambda b: b, lr=lr, optimizer=optimizer)
+    expect = train_steps(ref, batches, one, feed=lambda b: b, lr=lr)
 
     if bad_a2a:  # the deliberate bug: chunks concatenated in reversed rank order
         good = ulysses._a2a
@@ -179,7 +175,7 @@ def compare_layout(model_over: list[str], parallel: dict, docs: bool = False, sw
     model = parallelize(model, dims, cfg)
     # read before any forward: units with reshard_after_forward=False stay gathered after one
     placements = {name: str(getattr(p, "placements", None)) for name, p in model.named_parameters()}
-    got = train_steps(model, batches, dims, feed=lambda b: local_slice(b, dims, swap_sp), lr=lr, optimizer=optimizer)
+    got = train_steps(model, batches, dims, feed=lambda b: local_slice(b, dims, swap_sp), lr=lr)
 
     assert set(got["grads"]) == set(expect["grads"]), "parameter names changed under parallelize"
     grad_err = {name: ((got["grads"][name] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item()
