@@ -474,10 +474,6 @@ def validate(cfg: Config) -> Config:
     if m.sigma_reparam and "gdn" in (m.core_attention or []):
         raise ConfigError("model.sigma_reparam=true is not supported with gated delta rule core layers "
                           "(model.core_attention holds gdn) yet; set model.sigma_reparam=false for an LT2 core.")
-    if m.sigma_reparam and cfg.parallel.pp > 1:
-        raise ConfigError(f"model.sigma_reparam=true with parallel.pp={cfg.parallel.pp} is not tested yet (its "
-                          f"one-power-iteration-per-step rule is checked without pipeline stages only); set "
-                          f"parallel.pp=1 or model.sigma_reparam=false.")
     if m.sigma_reparam and cfg.checkpoint.init_from_hf:
         raise ConfigError("model.sigma_reparam=true with checkpoint.init_from_hf: a Hugging Face checkpoint has no "
                           "gamma, u, v for its linears; train from scratch with sigma_reparam, or set "

@@ -25,8 +25,9 @@ from growing; reparameterised, it could not stay tied to a plain embedding), nor
 
 When u, v move: ONE power iteration per optimizer step, in each layer's first training forward
 after ``begin_train_step(model)`` (``trainer.step.forward_backward`` calls it at the top of every
-step); every later forward of the step -- the other micro-batches, a looped core's other R-1
-iterations, the forward activation recompute re-runs in backward, evaluation -- uses the same
+step); every later forward of the step -- the other accumulation micro-batches, a looped core's other R-1
+iterations, the forward activation recompute re-runs in backward, the other micro-batches a
+pipeline schedule runs before their backwards, evaluation -- uses the same
 u, v and therefore the same ``W_hat``. Updating on every training forward (as ``spectral_norm``
 does) would give a recomputed forward other weights than the forward it replaces.
 The update reads the weight inside forward, where FSDP2 has all-gathered it: every rank computes

@@ -59,6 +59,21 @@ def test_sigma_reparam_matches_single_process(layout):
         assert placements[f"{prefix}layers.0.attention.wq.gamma"].endswith("Replicate(),)"), placements
 
 
+def test_sigma_reparam_on_pipeline_stages_matches_single_process():
+    """A looped core on both of two stages (each stage's copy keeps its own u, v, equal because the
+    copies are), 1F1B with full recompute: the micro-batches' forwards run before their backwards,
+    which re-run them, so each must see the step's one u, v."""
+    from test_pipeline_equivalence import LOOPED as PP_LOOPED
+    from test_pipeline_equivalence import assert_equal_to_single_process as assert_pipeline_equal
+    from test_pipeline_equivalence import compare_pipeline
+
+    results = run_distributed(compare_pipeline, 2, PP_LOOPED + SIGMA + ["memory.recompute=full"],
+                              {"pp": 2, "pp_schedule": "1f1b"}, init_process_group=False)
+    assert results[0]["core_stages"] == [0, 1], results[0]["pipeline"]
+    assert any(n.endswith(".gamma") for n in results[0]["names"])
+    assert_pipeline_equal(results)
+
+
 def _model(over: list[str], sigma: bool, seed: int = 0):
     from longtrain.config import load_config
     from longtrain.models import build_model
@@ -172,7 +187,6 @@ def test_unsupported_combinations_are_refused_with_one_line():
     base = ["data.seq_len=32"] + SIGMA
     for over, match in ((LOOPED + ["model.core_attention=[full, gdn]"], "model.sigma_reparam=true is not supported "
                          "with gated delta rule"),
-                        (LLAMA + ["parallel.pp=2"], "model.sigma_reparam=true with parallel.pp=2"),
                         (LLAMA + ["checkpoint.init_from_hf=/nowhere"], "model.sigma_reparam=true with checkpoint.init_from_hf")):
         with pytest.raises(ConfigError, match=match) as e:
             load_config(None, over + base)
