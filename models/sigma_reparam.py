@@ -23,19 +23,18 @@ bounds no product), nor the LM head (outside the blocks whose attention logits t
 from growing; reparameterised, it could not stay tied to a plain embedding), nor the looped
 ``concat`` re-injection projection (outside the blocks too; it is left as it was).
 
-When u, v move: ONE power iteration per optimizer step, in each layer's first training forward
-after ``begin_train_step(model)`` (``trainer.step.forward_backward`` calls it at the top of every
-step); every later forward of the step -- the other accumulation micro-batches, a looped core's other R-1
-iterations, the forward activation recompute re-runs in backward, the other micro-batches a
-pipeline schedule runs before their backwards, evaluation -- uses the same
-u, v and therefore the same ``W_hat``. Updating on every training forward (as ``spectral_norm``
-does) would give a recomputed forward other weights than the forward it replaces.
-The update reads the weight inside forward, where FSDP2 has all-gathered it: every rank computes
-the same u, v from the same full weight (deterministic ops), so the buffers stay identical
-without a collective. Under tensor parallelism the weight is a sharded DTensor and u, v are
-replicated DTensor buffers (``distribute_module`` replicates a sharded linear's buffers): the
-matrix-vector products then reduce over tp, and every tp rank holds the one-process u, v up to
-summation order.
+When u, v move: ONE power iteration per optimizer step, in each layer's first training forward after
+``begin_train_step(model)`` (``trainer.step.forward_backward`` calls it at the top of every step);
+every later forward of the step -- the other accumulation micro-batches, a looped core's other R-1
+iterations, the forward activation recompute re-runs in backward, the other micro-batches a pipeline
+schedule runs before their backwards, evaluation -- uses the same u, v and therefore the same
+``W_hat``. Updating on every training forward (as ``spectral_norm`` does) would give a recomputed
+forward other weights than the forward it replaces. The update reads the weight inside forward,
+where FSDP2 has all-gathered it: every rank computes the same u, v from the same full weight
+(deterministic ops), so the buffers stay identical without a collective. Under tensor parallelism
+the weight is a sharded DTensor and u, v are replicated DTensor buffers (``distribute_module``
+replicates a sharded linear's buffers): the matrix-vector products then reduce over tp, and every tp
+rank holds the one-process u, v up to summation order.
 
 The scale multiplies the OUTPUT, through ``_ScaledLinear``, which saves only what ``nn.Linear``
 saves (x, W) and the scalar: forming ``W_hat = s * W`` and calling ``F.linear`` would keep a

@@ -15,7 +15,9 @@ Layout over the ``tp`` mesh dimension, per block (torchtitan's plan):
 - entering attention / MLP, the normed input is all-gathered along the sequence
   (``PrepareModuleInput``); ``wq, wk, wv, w1, w3`` are column-parallel (each rank computes its
   heads / its slice of the hidden width), ``wo, w2`` are row-parallel and reduce-scatter their
-  partial sums straight back into the sequence shard.
+  partial sums straight back into the sequence shard. A σReparam linear (``model.sigma_reparam``)
+  is split the same way, its gain ``gamma`` and singular-vector estimates ``u``, ``v`` replicated
+  (``ColumnParallel``).
 
 Heads therefore split across tp before Ulysses splits them further across sp: each rank attends
 over n_heads / (tp * sp) heads. The embedding is row-parallel over the vocabulary (its partial
@@ -55,11 +57,11 @@ from longtrain.models.units import EMBEDDING, HEAD, DescribedModel
 
 class ColumnParallel(ColwiseParallel):
     """``ColwiseParallel`` that splits only a linear's ``weight`` (and ``bias``) along the output
-    rows. The library's splits every parameter of the linear along dim 0, which would split a
+    rows. The library's splits every parameter of the linear along dim 0, which would cut a
     σReparam layer's one-element ``gamma`` (``models.sigma_reparam``: a gain of the whole weight,
-    not one per row) into one element and none; left alone here, ``gamma`` is
-    replicated by ``distribute_module``, as are the layer's ``u``, ``v`` buffers (and as
-    ``RowwiseParallel`` already does: it splits ``weight`` alone)."""
+    not one per row) into one element and none. Left alone, ``gamma`` is replicated by
+    ``distribute_module``, as are the layer's ``u``, ``v`` buffers (``RowwiseParallel`` already
+    splits ``weight`` alone)."""
 
     def _partition_linear_fn(self, name, module, device_mesh):
         for pname in ("weight", "bias"):

@@ -1,14 +1,14 @@
 """σReparam (``model.sigma_reparam``, ``models/sigma_reparam.py``): the initial function is the
 plain model's, sigma is the spectral norm, every parallel layout computes what one process
-computes (FSDP2, tensor parallel, under recompute), resume is exact and the export folds W_hat.
+computes (FSDP2, tensor parallel, pipeline stages, under recompute), resume is exact and the export
+folds W_hat.
 
 The layouts reuse ``test_parallel_equivalence``'s comparison (same tolerances: relative 2e-5 on
-losses, gradients -- gamma's included -- and norms, three AdamW steps); the singular-vector
-buffers u, v are compared too: bitwise between ranks, since every rank must hold the same
-estimates without exchanging them, and against one process to absolute 1e-4 (unit vectors; a
-singular vector moves by ~1/(sigma_1 - sigma_2) times a weight change, so the ~1e-7 differences
-of the weights after three steps show as ~1e-5 in u, v, measured; sigma itself, which the
-losses check, moves only to second order).
+losses, gradients -- gamma's included -- and norms, three AdamW steps; one layout in float64, see
+LAYOUTS); the singular-vector buffers u, v are compared too: bitwise between ranks, since every rank
+must hold the same estimates without exchanging them, and against one process to absolute 1e-4 (unit
+vectors; a singular vector moves by up to ~1/(sigma_1 - sigma_2) times a weight change, and the
+float32 layouts' u, v differ from one process by ~1e-5 after three steps, measured).
 """
 
 from __future__ import annotations
@@ -187,7 +187,8 @@ def test_unsupported_combinations_are_refused_with_one_line():
     base = ["data.seq_len=32"] + SIGMA
     for over, match in ((LOOPED + ["model.core_attention=[full, gdn]"], "model.sigma_reparam=true is not supported "
                          "with gated delta rule"),
-                        (LLAMA + ["checkpoint.init_from_hf=/nowhere"], "model.sigma_reparam=true with checkpoint.init_from_hf")):
+                        (LLAMA + ["checkpoint.init_from_hf=/nowhere"],
+                         "model.sigma_reparam=true with checkpoint.init_from_hf")):
         with pytest.raises(ConfigError, match=match) as e:
             load_config(None, over + base)
         assert "\n" not in str(e.value)
