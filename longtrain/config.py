@@ -91,6 +91,7 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm per head on queries and keys, before rotary (Qwen3's attention); gdn core
     # layers have none: their core already L2-normalises q and k per head (models.linear_attention)
     loop_norm: bool = False  # looped models: RMSNorm on the core's output after every iteration
+    sigma_reparam: bool = False  # σReparam: each block linear computes with gamma / sigma(W) * W (models/sigma_reparam.py)
 
     @property
     def head_dim(self) -> int:
@@ -459,6 +460,13 @@ def validate(cfg: Config) -> Config:
     elif m.loop_norm:
         raise ConfigError("model.loop_norm=true normalises a looped core's output; it needs model.arch=looped "
                           "(use model.norm_placement=peri for a Llama).")
+    if m.sigma_reparam and "gdn" in (m.core_attention or []):
+        raise ConfigError("model.sigma_reparam=true is not supported with gated delta rule core layers "
+                          "(model.core_attention holds gdn) yet; set model.sigma_reparam=false for an LT2 core.")
+    if m.sigma_reparam and cfg.checkpoint.init_from_hf:
+        raise ConfigError("model.sigma_reparam=true with checkpoint.init_from_hf: a Hugging Face checkpoint has no "
+                          "gamma, u, v for its linears; train from scratch with sigma_reparam, or set "
+                          "model.sigma_reparam=false to fine-tune it.")
     if not 0.0 <= cfg.memory.offload_fraction <= 1.0:
         raise ConfigError(f"memory.offload_fraction={cfg.memory.offload_fraction} must be in [0, 1]: the share of "
                           f"each saved tensor sent to the CPU; set a value between 0 and 1.")

@@ -74,8 +74,9 @@ def norm_params(m) -> int:
 
 
 def block_params(m) -> int:
-    """Parameters of one transformer block: its matmul weights and its norm weights."""
-    return norm_params(m) + block_matmul_params(m)
+    """Parameters of one transformer block: its matmul weights, its norm weights and, under
+    ``model.sigma_reparam``, one gain per linear (7)."""
+    return norm_params(m) + block_matmul_params(m) + (7 if m.sigma_reparam else 0)
 
 
 def lora_matmul_params(m) -> int:

@@ -12,7 +12,9 @@ Peri-LN normalises each sublayer's output as well as its input, inside the resid
 (``x + norm_out(f(norm_in(x)))``), so no branch can add an ever larger update to the stream;
 QK-norm is an RMSNorm over ``head_dim`` on every query and key head before rotary (Qwen3's
 attention), which bounds the attention logits; z-loss adds ``c * logsumexp(logits)^2`` per token,
-pulling the softmax normaliser towards 1 so output logits cannot drift.
+pulling the softmax normaliser towards 1 so output logits cannot drift; σReparam
+(``model.sigma_reparam``, ``models.sigma_reparam``) makes every linear of a block compute with
+``gamma / sigma(W) * W``.
 Names follow torchtitan (``wq``/``wk``/``wv``/``wo``, ``w1``/``w2``/``w3``); ``layers`` is a
 ``ModuleDict`` keyed by layer index so parameter names stay the same when a pipeline stage drops
 the layers it does not own.
@@ -24,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longtrain.models import sigma_reparam
 from longtrain.models.attention import CoreAttention
 from longtrain.models.rope import Rotary, apply_rotary
 from longtrain.models.units import BLOCK, EMBEDDING, HEAD, BlockRef, DescribedModel, ShardUnit, Unit
@@ -82,6 +85,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
         self.ffn_out_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps) if peri else None
+        if cfg.sigma_reparam:  # every linear of the block: W used as gamma / sigma(W) * W
+            sigma_reparam.reparameterise_linears_(self)
 
     def forward(self, x, cos, sin, doc_ids=None):
         a = self.attention(self.attention_norm(x), cos, sin, doc_ids)
@@ -140,6 +145,7 @@ def init_block_(block: Block, std: float, depth_scale: float) -> None:
             nn.init.trunc_normal_(p, std=std / depth_scale, a=-3 * std, b=3 * std)
         else:
             nn.init.trunc_normal_(p, std=std, a=-3 * std, b=3 * std)
+    sigma_reparam.reset_(block)  # gamma = sigma(W_init), so the initial function is unchanged
 
 
 def positions_for(units, x: torch.Tensor, position_ids):

@@ -15,7 +15,9 @@ Layout over the ``tp`` mesh dimension, per block (torchtitan's plan):
 - entering attention / MLP, the normed input is all-gathered along the sequence
   (``PrepareModuleInput``); ``wq, wk, wv, w1, w3`` are column-parallel (each rank computes its
   heads / its slice of the hidden width), ``wo, w2`` are row-parallel and reduce-scatter their
-  partial sums straight back into the sequence shard.
+  partial sums straight back into the sequence shard. A σReparam linear (``model.sigma_reparam``)
+  is split the same way, its gain ``gamma`` and singular-vector estimates ``u``, ``v`` replicated
+  (``ColumnParallel``).
 
 Heads therefore split across tp before Ulysses splits them further across sp: each rank attends
 over n_heads / (tp * sp) heads. The embedding is row-parallel over the vocabulary (its partial
@@ -53,29 +55,46 @@ from torch.distributed.tensor.parallel import (
 from longtrain.models.units import EMBEDDING, HEAD, DescribedModel
 
 
+class ColumnParallel(ColwiseParallel):
+    """``ColwiseParallel`` that splits only a linear's ``weight`` (and ``bias``) along the output
+    rows. The library's splits every parameter of the linear along dim 0, which would cut a
+    σReparam layer's one-element ``gamma`` (``models.sigma_reparam``: a gain of the whole weight,
+    not one per row) into one element and none. Left alone, ``gamma`` is replicated by
+    ``distribute_module``, as are the layer's ``u``, ``v`` buffers (``RowwiseParallel`` already
+    splits ``weight`` alone)."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        for pname in ("weight", "bias"):
+            param = getattr(module, pname, None)
+            if param is not None:
+                module.register_parameter(pname, nn.Parameter(
+                    distribute_tensor(param, device_mesh, [Shard(0)], src_data_rank=self.src_data_rank),
+                    requires_grad=param.requires_grad))
+
+
 def block_plan(m=None, mixer: str = "full") -> dict:
     """The plan for one ``Block`` of a model with config ``m`` (its stability options add norms);
     inputs (x, cos, sin, doc_ids) -- only x is distributed. A ``gdn`` block's mixer also splits its
     decay, beta and output-gate projections by head."""
-    gdn = {f"attention.{name}": ColwiseParallel() for name in ("wa", "wb", "wg")} if mixer == "gdn" else {}
+    gdn = {f"attention.{name}": ColumnParallel() for name in ("wa", "wb", "wg")} if mixer == "gdn" else {}
     plan = gdn | {
         "attention_norm": SequenceParallel(),
         "attention": PrepareModuleInput(
             input_layouts=(Shard(1), None, None, None),
             desired_input_layouts=(Replicate(), None, None, None),
         ),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
+        "attention.wq": ColumnParallel(),
+        "attention.wk": ColumnParallel(),
+        "attention.wv": ColumnParallel(),
         "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
         "ffn_norm": SequenceParallel(),
         "feed_forward": PrepareModuleInput(
             input_layouts=(Shard(1),),
             desired_input_layouts=(Replicate(),),
         ),
-        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w1": ColumnParallel(),
         "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-        "feed_forward.w3": ColwiseParallel(),
+        "feed_forward.w3": ColumnParallel(),
     }
     if m is not None and m.norm_placement == "peri":
         # the output norms act on the sublayer's result, already reduce-scattered into the

@@ -90,6 +90,17 @@ def local_slice(batch: dict, dims, swap_sp: bool = False) -> dict:
     return {k: v[rows, cols].contiguous() for k, v in batch.items()}
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def sigma_buffers(model) -> dict:
+    """σReparam's singular-vector estimates (buffers ``*.u``, ``*.v``) as full tensors."""
+    return {name: full_tensor(b).detach().clone() for name, b in model.named_buffers() if name.endswith((".u", ".v"))}
+
+
 def full_grad(p: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
@@ -99,11 +110,13 @@ def full_grad(p: torch.Tensor) -> torch.Tensor:
 
 def train_steps(model, batches, dims, feed, lr: float = 1e-2) -> dict:
     """The trainer's step, 3 times, then one more forward: losses, first-step grads and norms."""
+    from longtrain.models.sigma_reparam import begin_train_step
     from longtrain.parallel import all_reduce_sum, clip_grad_norm_
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     out = {"losses": [], "norms": []}
     for step, batch in enumerate(batches):
+        begin_train_step(model)  # what trainer.step.forward_backward does (σReparam's power iteration)
         b = feed(batch)
         loss_sum = model(b["tokens"], b["position_ids"], b.get("doc_ids"), labels=b["labels"])
         n = all_reduce_sum((b["labels"] != -100).sum(), dims)
@@ -168,7 +181,10 @@ def compare_layout(model_over: list[str], parallel: dict, docs: bool = False, sw
     grad_err = {name: ((got["grads"][name] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item()
                 for name, g in expect["grads"].items()}
     worst = max(grad_err, key=grad_err.get)
+    bufs, ref_bufs = sigma_buffers(model), sigma_buffers(ref)
     return {
+        "sigma_buffers": {k: b.tolist() for k, b in bufs.items()},  # identical on every rank? (test_sigma_reparam)
+        "sigma_buffer_err": max([(bufs[k] - b).abs().max().item() for k, b in ref_bufs.items()], default=0.0),
         "describe": dims.describe(),
         "placements": placements,
         "loss1": _rel(got["losses"][0], expect["losses"][0]),
@@ -176,6 +192,7 @@ def compare_layout(model_over: list[str], parallel: dict, docs: bool = False, sw
         "norm": max(_rel(a, b) for a, b in zip(got["norms"], expect["norms"])),
         "grad": grad_err[worst],
         "worst_grad": worst,
+        "grad_errors": grad_err,
         "losses": (got["losses"], expect["losses"]),
         "clipped": expect["norms"][0] > 0.5,
         # collectives launched and never waited for stay registered: a leak that grows every step

@@ -86,9 +86,12 @@ def full_grad(p):
 
 
 def _reference(model, batches, clip: float) -> dict:
+    from longtrain.models.sigma_reparam import begin_train_step
+
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     out = {"losses": [], "norms": []}
     for step, b in enumerate(batches):
+        begin_train_step(model)  # what trainer.step.forward_backward does (σReparam's power iteration)
         loss_sum = model(b["tokens"], b["position_ids"], b["doc_ids"], labels=b["labels"])
         n = (b["labels"] != -100).sum()
         out["losses"].append((loss_sum.detach() / n).item())
@@ -105,11 +108,13 @@ def _reference(model, batches, clip: float) -> dict:
 
 
 def _pipelined(pm, batches, dims, clip: float) -> dict:
+    from longtrain.models.sigma_reparam import begin_train_step
     from longtrain.parallel import all_reduce_sum, clip_grad_norm_
 
     opt = torch.optim.AdamW(pm.parameters(), lr=1e-2, weight_decay=0.1)
     out = {"losses": [], "norms": []}
     for step, batch in enumerate(batches):
+        begin_train_step(pm)
         b = local_slice(batch, dims)
         n = all_reduce_sum((b["labels"] != -100).sum().double(), dims)
         if step == len(batches) - 1:  # forward only, through the schedule's eval

@@ -51,10 +51,11 @@ FORMAT_VERSION = 2
 
 # model-config fields that decide tensor shapes or which tensors exist: resuming across a change
 # in any of them cannot work
-SHAPE_KEYS = {"llama": ("arch", "vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_dim", "n_layers", "tie_embeddings"),
+SHAPE_KEYS = {"llama": ("arch", "vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_dim", "n_layers", "tie_embeddings",
+                       "sigma_reparam"),
               "looped": ("arch", "vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings",
                          "n_prelude", "n_core", "n_coda", "loops_max", "lora_rank", "reinject", "core_attention",
-                         "hyper_streams")}
+                         "hyper_streams", "sigma_reparam")}
 LAYOUT_KEYS = ("dp_replicate", "dp_shard", "sp", "tp", "pp", "world_size")
 
 

@@ -4,6 +4,10 @@ A Llama with ``model.qk_norm`` (an RMSNorm per head on q and k, before rotary) i
 transformers' ``Qwen3ForCausalLM`` (its ``q_norm`` / ``k_norm``), so it exports to and imports from
 Qwen3. Peri-LN (``model.norm_placement=peri``) has no exact equivalent there (Gemma 2's sandwich
 norms come with a (1 + w) RMSNorm, GELU and scaled embeddings), so its export is refused.
+A σReparam Llama (``model.sigma_reparam``) exports as a plain one: each block linear's
+``gamma / sigma(W) * W`` (sigma from the saved u, v, as evaluation computes it) is folded into the
+exported weight (``models.sigma_reparam.fold_state_dict``); it cannot be imported back as
+σReparam (a plain checkpoint has no gamma, u, v: ``config.validate`` refuses the combination).
 
 Owns: the name map between our Llama and transformers' ``LlamaForCausalLM``, translating HF's
 ``rope_parameters`` / ``rope_scaling`` (default, linear, dynamic, yarn, llama3) to
@@ -31,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from longtrain.config import ConfigError, ModelConfig, RopeScalingConfig, config_from_dict
 from longtrain.models import build_model
+from longtrain.models.sigma_reparam import fold_state_dict
 from longtrain.trainer.checkpoint_format import load_full_model_state, read_config, resolve_checkpoint_path
 
 _GLOBAL = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "head.norm.weight",
@@ -377,4 +382,7 @@ def export_hf(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: s
         raise HFError(f"checkpoint {path} is model.arch={cfg.model.arch!r}{_no_hf_equivalent(cfg.model)}; only "
                       f"Llama exports to Hugging Face.")
     model_config_to_hf(cfg.model)  # refuses what has no exact equivalent before anything is read
-    return write_hf(load_full_model_state(path), cfg.model, out_dir, dtype)
+    state = load_full_model_state(path)
+    if cfg.model.sigma_reparam:  # W_hat = gamma / sigma(W) * W into each weight: a plain Llama
+        state = fold_state_dict(state)
+    return write_hf(state, dataclasses.replace(cfg.model, sigma_reparam=False), out_dir, dtype)

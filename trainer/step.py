@@ -15,6 +15,7 @@ import contextlib
 import torch
 
 from longtrain.models.llama import IGNORE_INDEX
+from longtrain.models.sigma_reparam import begin_train_step
 from longtrain.parallel.reduce import all_reduce_sum
 
 
@@ -44,6 +45,7 @@ def count_tokens(batches: list[dict], dims) -> torch.Tensor:
 
 def forward_backward(model, batches: list[dict], dims, cfg, n_loops: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulate gradients of (global mean loss) over the micro-batches; returns (loss, tokens)."""
+    begin_train_step(model)  # σReparam layers: one power iteration in this step's first forward
     n_global = count_tokens(batches, dims)
     if dims.pp > 1:  # the pipeline schedule runs every micro-batch's forward and backward
         with _autocast(cfg, dims.device):
