@@ -30,19 +30,17 @@ PROXY = ["tiny-llama", "model.vocab_size=32", "model.n_layers=2", "model.n_heads
          "logging.tensorboard=false", "schedule.device=cpu"]
 
 
-def _sweep(tmp_path, name, lrs, *over):
-    out = tmp_path / name
-    assert main(["sweep", "lr", *PROXY, *over, "--lrs", lrs, "--widths", "32", "--jobs", "2", "--out", str(out)]) == 0
-    return out, {r["lr"]: r for r in json.loads((out / "sweep.json").read_text())["runs"]}
-
-
 def test_sweep_writes_json_and_png_and_qk_norm_keeps_the_loss_low_at_a_learning_rate_where_plain_fails(tmp_path):
-    out, plain = _sweep(tmp_path, "plain", "0.03,0.1")
+    out = tmp_path / "sweep"
+    assert main(["sweep", "lr", *PROXY, "--lrs", "0.03,0.1", "--widths", "32", "--jobs", "2", "--out", str(out),
+                 "--variant", "plain=", "--variant", "qk=model.qk_norm=true"]) == 0
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["variants"] == {"plain": [], "qk": ["model.qk_norm=true"]}
+    runs = {(r["variant"], r["lr"]): r for r in record["runs"]}
     assert (out / "sweep.png").stat().st_size > 1000
-    assert all(r["rc"] == 0 and r["final_loss"] is not None and r["width"] == 32 for r in plain.values())
-    assert (out / "w32-lr0.1" / "metrics.jsonl").is_file()
-    _, qk = _sweep(tmp_path, "qk", "0.1", "model.qk_norm=true")
-    low, high, high_qk = plain[0.03], plain[0.1], qk[0.1]
+    assert all(r["rc"] == 0 and r["final_loss"] is not None and r["width"] == 32 for r in runs.values())
+    assert (out / "qk-w32-lr0.1" / "metrics.jsonl").is_file()
+    low, high, high_qk = runs["plain", 0.03], runs["plain", 0.1], runs["qk", 0.1]
     # the plain model learns at lr=0.03 and fails at lr=0.1: near the no-attention loss ln(32)
     assert high["final_loss"] > low["final_loss"] + 1.0, (low, high)
     assert high["final_loss"] > math.log(32) - 1.0, high
@@ -56,6 +54,8 @@ def test_sweep_writes_json_and_png_and_qk_norm_keeps_the_loss_low_at_a_learning_
     (["--lrs", "1..1e-3"], "--lrs '1..1e-3' must be LO..HI"),
     (["--widths", "32,x"], "--widths '32,x' must be a comma list"),
     (["--widths", "30"], "sweep width 30, lr 0.001: model.dim=30 is not divisible by model.n_heads=4"),
+    (["--variant", "qk"], "--variant 'qk' must be NAME=OVERRIDES"),
+    (["--variant", "a=model.qk_norm=maybe"], "sweep variant a: model.qk_norm='maybe' must be a boolean"),
 ])
 def test_bad_sweep_arguments_are_one_line_before_any_job_runs(tmp_path, capsys, args, message):
     rc = main(["sweep", "lr", "tiny-llama", "--lrs", "1e-3,1e-2", "--widths", "32", "--out", str(tmp_path / "s"), *args])

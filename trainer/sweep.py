@@ -3,7 +3,9 @@
 Owns: expanding the sweep into jobs (one ``longtrain train`` per width x learning rate), running
 them as separate processes (``--jobs`` at once, the CPU threads split between them), reading each
 run's ``metrics.jsonl``, and writing ``sweep.json`` and ``sweep.png`` (final loss against learning
-rate, one line per width) in the sweep directory.
+rate, one line per width and variant) in the sweep directory. ``--variant NAME=OVERRIDES`` (repeated)
+runs the whole grid once per variant -- e.g. ``--variant plain= --variant qk="model.qk_norm=true"`` --
+so one plot shows whether an option flattens the curve.
 
 The idea (small-scale proxies for large-scale instabilities): how the final loss of small models
 depends on the learning rate -- and whether QK-norm, z-loss or Peri-LN flatten that curve at the
@@ -65,20 +67,41 @@ def width_overrides(cfg, width: int) -> list[str]:
     return [f"model.dim={width}", f"model.ffn_dim={ffn}"]
 
 
-def plan_jobs(config: str | None, overrides: list[str], lrs: list[float], widths: list[int], out: Path) -> list[dict]:
-    """One job per (width, lr), each config loaded (and so checked) now."""
-    base = load_config(config, overrides)
+def parse_variants(texts: list[str]) -> dict[str, list[str]]:
+    """``NAME=OVERRIDES`` (overrides separated by spaces, possibly none) -> {name: overrides}."""
+    variants: dict[str, list[str]] = {}
+    for text in texts:
+        name, sep, rest = text.partition("=")
+        name = name.strip()
+        if not sep or not name or not name.replace("-", "").replace("_", "").isalnum() or name in variants:
+            raise ConfigError(f"--variant {text!r} must be NAME=OVERRIDES with a new name of letters, digits, - or _, "
+                              f"e.g. --variant plain= --variant qk=\"model.qk_norm=true optim.z_loss=1e-4\".")
+        variants[name] = rest.split()
+    return variants
+
+
+def plan_jobs(config: str | None, overrides: list[str], lrs: list[float], widths: list[int], out: Path,
+              variants: dict[str, list[str]] | None = None) -> list[dict]:
+    """One job per (variant, width, lr), each config loaded (and so checked) now. Without
+    variants there is one, unnamed (``variant`` None), and run directories carry no prefix."""
     jobs = []
-    for w in widths:
-        for lr in lrs:
-            run_dir = out / f"w{w}-lr{lr:.3g}"
-            over = [*overrides, *width_overrides(base, w), f"optim.lr={lr!r}", f"logging.run_dir={run_dir}",
-                    "logging.progress=false", "checkpoint.resume=none", "checkpoint.save_final=false"]
-            try:
-                load_config(config, over)
-            except ConfigError as e:
-                raise ConfigError(f"sweep width {w}, lr {lr:.3g}: {e}") from None
-            jobs.append({"width": w, "lr": lr, "run_dir": run_dir, "argv": ([config] if config else []) + over})
+    for name, extra in (variants or {None: []}).items():
+        try:
+            base = load_config(config, [*overrides, *extra])
+        except ConfigError as e:
+            raise ConfigError(f"sweep variant {name}: {e}" if name else str(e)) from None
+        for w in widths:
+            for lr in lrs:
+                run_dir = out / f"{name + '-' if name else ''}w{w}-lr{lr:.3g}"
+                over = [*overrides, *extra, *width_overrides(base, w), f"optim.lr={lr!r}", f"logging.run_dir={run_dir}",
+                        "logging.progress=false", "checkpoint.resume=none", "checkpoint.save_final=false"]
+                try:
+                    load_config(config, over)
+                except ConfigError as e:
+                    where = f"variant {name}, " if name else ""
+                    raise ConfigError(f"sweep {where}width {w}, lr {lr:.3g}: {e}") from None
+                jobs.append({"variant": name, "width": w, "lr": lr, "run_dir": run_dir,
+                             "argv": ([config] if config else []) + over})
     return jobs
 
 
@@ -104,7 +127,8 @@ def run_jobs(jobs: list[dict], n_parallel: int) -> list[dict]:
             if proc.poll() is not None:
                 running.remove((job, proc))
                 job.update(rc=proc.returncode, seconds=time.perf_counter() - job.pop("t0"))
-                print(f"[longtrain sweep] width {job['width']} lr {job['lr']:.3g}: {_summary(read_result(job))}",
+                where = f"{job['variant']} " if job["variant"] else ""
+                print(f"[longtrain sweep] {where}width {job['width']} lr {job['lr']:.3g}: {_summary(read_result(job))}",
                       flush=True)
     return [read_result(j) for j in jobs]
 
@@ -120,7 +144,7 @@ def read_result(job: dict) -> dict:
     final = sum(losses[-3:]) / len(losses[-3:]) if losses else math.nan
     first = losses[0] if losses else math.nan
     diverged = job.get("rc", 0) != 0 or not math.isfinite(final) or final >= first
-    return {"width": job["width"], "lr": job["lr"], "final_loss": final if math.isfinite(final) else None,
+    return {"variant": job.get("variant"), "width": job["width"], "lr": job["lr"], "final_loss": final if math.isfinite(final) else None,
             "first_loss": first if math.isfinite(first) else None, "diverged": diverged, "rc": job.get("rc"),
             "attn_max_logit": logits[-1] if logits else None,
             "seconds": job.get("seconds"), "run_dir": str(job["run_dir"])}
@@ -132,16 +156,24 @@ def _summary(r: dict) -> str:
 
 
 def plot_sweep(results: list[dict], path: Path) -> Path:
-    """Final loss against learning rate (log scale), one line per width; diverged runs marked x."""
+    """Final loss against learning rate (log scale), one line per width and variant (a line style
+    per variant); diverged runs marked x."""
     from longtrain.trainer.plots import _pyplot, _save
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for w in sorted({r["width"] for r in results}):
-        rows = sorted((r for r in results if r["width"] == w and r["final_loss"] is not None), key=lambda r: r["lr"])
-        line, = ax.plot([r["lr"] for r in rows], [r["final_loss"] for r in rows], marker="o", label=f"width {w}")
-        bad = [r for r in rows if r["diverged"]]
-        ax.scatter([r["lr"] for r in bad], [r["final_loss"] for r in bad], marker="x", s=80, color=line.get_color())
+    names = list(dict.fromkeys(r.get("variant") for r in results))
+    styles = ["-", "--", ":", "-."]
+    for i, name in enumerate(names):
+        for w in sorted({r["width"] for r in results}):
+            rows = sorted((r for r in results if r.get("variant") == name and r["width"] == w
+                           and r["final_loss"] is not None), key=lambda r: r["lr"])
+            label = f"{name + ', ' if name else ''}width {w}"
+            line, = ax.plot([r["lr"] for r in rows], [r["final_loss"] for r in rows], marker="o",
+                            linestyle=styles[i % len(styles)], label=label)
+            bad = [r for r in rows if r["diverged"]]
+            ax.scatter([r["lr"] for r in bad], [r["final_loss"] for r in bad], marker="x", s=80,
+                       color=line.get_color())
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("final training loss (nats/token)")
@@ -152,11 +184,12 @@ def plot_sweep(results: list[dict], path: Path) -> Path:
 
 
 def sweep_lr(config: str | None, overrides: list[str], lrs: list[float], widths: list[int], out: Path,
-             n_parallel: int = 1) -> dict:
-    jobs = plan_jobs(config, overrides, lrs, widths, out)
+             n_parallel: int = 1, variants: dict[str, list[str]] | None = None) -> dict:
+    jobs = plan_jobs(config, overrides, lrs, widths, out, variants)
     out.mkdir(parents=True, exist_ok=True)
     results = run_jobs(jobs, n_parallel)
-    record = {"config": config, "overrides": overrides, "lrs": lrs, "widths": widths, "runs": results}
+    record = {"config": config, "overrides": overrides, "lrs": lrs, "widths": widths, "variants": variants or {},
+              "runs": results}
     (out / "sweep.json").write_text(json.dumps(record, indent=1) + "\n")
     from longtrain.trainer.plots import PlotsUnavailable
 
@@ -174,7 +207,7 @@ def _sweep(ns: argparse.Namespace) -> int:
         if ns.jobs < 1:
             raise ConfigError(f"--jobs {ns.jobs} must be >= 1.")
         out = Path(ns.out)
-        record = sweep_lr(config, overrides, lrs, widths, out, ns.jobs)
+        record = sweep_lr(config, overrides, lrs, widths, out, ns.jobs, parse_variants(ns.variant))
     except UserError as e:  # a bad argument or override: one line, exit code 2, before any job runs
         return report_user_error(e, "longtrain sweep")
     failed = [r for r in record["runs"] if r["rc"] != 0]
@@ -205,6 +238,10 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     lr.add_argument("--points", type=int, default=4, help="learning rates in a LO..HI range")
     lr.add_argument("--widths", default="64,128,256", help="model.dim values, comma separated")
     lr.add_argument("--jobs", type=int, default=1, help="runs at once (each its own process)")
+    lr.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
+                    help="run the grid once more with these overrides (space separated; repeat the option for "
+                         "more variants; NAME= for the plain one), e.g. --variant plain= --variant "
+                         "qk=\"model.qk_norm=true\": one plot, a line style per variant")
     lr.add_argument("--out", default="runs/sweep-lr", help="sweep directory (sweep.json, sweep.png, one run each)")
     lr.set_defaults(func=_sweep)
     return p
