@@ -34,6 +34,13 @@ Saved for backward per token and layer with no recompute (``block_saved_terms``;
     ffn_norm input ................................ r·d/t    + 4/t
     ffn_norm output = input of w1, w3 ............. a·d, two copies when r != a
     gate = w1 out (silu input), silu(gate), up = w3 out, silu(gate)·up = w2 input  4·a·f/t
+    Peri-LN (``model.norm_placement=peri``): each output norm keeps its input (wo's and w2's
+      output) ..................................... 2·(a·d/t + 4/t)
+    QK-norm (``model.qk_norm``): q_norm and k_norm keep q and k before rotary, and an fp32
+      rstd per head ............................... a·(qd + kvd₀) + 4·(h + kvh₀), kvd₀/kvh₀ the
+                                                    rank's key heads before Ulysses repeats them
+      (Llama-3.2-1B, a = 2: +13,992 B per token and layer with both; measured +0.83 GiB per block
+      at 65,536 tokens, 13.6 KB per token: bench/block_cost.py, docs/performance.md)
 
     (Llama-3-8B, a = r = 2, t = s = 1: 169,096 B = 165 KiB per token per layer; Llama-3.2-1B on
     one GPU, a = 2, r = 4: 113,288 B, of which 20 KiB are the fp32 stream and the extra casts.)
@@ -315,7 +322,17 @@ def block_saved_terms(m, lay: ParallelDims, a: int, r: int | None = None, tiled_
         # tiled MLP: the chunk checkpoints keep their input (the norm output, r bytes) instead
         "ffn_norm out": r * d if tiled_mlp else (2 if cast else 1) * a * d,
         "mlp": 0 if tiled_mlp else 4 * a * f,  # w1 out (silu input), silu, w3 out, their product (w2 input)
+        **stability_saved_terms(m, lay, a),
     }
+
+
+def stability_saved_terms(m, lay: ParallelDims, a: int) -> dict:
+    """What the stability options add to a block's saved tensors (module docstring): Peri-LN's two
+    output norms keep their inputs, QK-norm's per-head norms keep q and k before rotary."""
+    w = _widths(m, lay)
+    kvh = max(1, m.n_kv_heads // lay.tp)  # the rank's key heads, before Ulysses repeats them
+    return {"peri norms": 2 * (a * w["dt"] + 4 / lay.tp) if m.norm_placement == "peri" else 0,
+            "qk norms": a * (w["qd"] + kvh * w["hd"]) + 4 * (w["h"] + kvh) if m.qk_norm else 0}
 
 
 def gdn_block_saved_terms(m, lay: ParallelDims, a: int, r: int | None = None, tiled_mlp: bool = False) -> dict:
@@ -329,6 +346,7 @@ def gdn_block_saved_terms(m, lay: ParallelDims, a: int, r: int | None = None, ti
     w = _widths(m, lay)
     qd, h, d = w["qd"], w["h"], w["d"]
     terms.update({"attention_norm out": (6 if r != a else 1) * a * d, "rotary": 0,
+                  "qk norms": 0,  # QK-norm adds nothing to a gdn layer: its core L2-normalises q and k
                   "q k v": a * 5 * qd + 8 * h + 2 * a * h,
                   "attention out": 4 * a * qd + 4 * h + 4 * GDN_CHUNK * h})
     return terms

@@ -23,6 +23,10 @@ with a graph, t = tensor-parallel size):
     offload ........ the bytes sent to the host in forward and back in backward at ``host_link``;
                      copies overlap compute, so only what a phase's compute cannot cover is
                      exposed, plus one block's copy that nothing precedes
+    stability norms  the norms ``model.norm_placement=peri`` (two per block, over [T, d/t]) and
+                     ``model.qk_norm`` (q and k per head) add, forward and backward, at ``norm``
+                     elements a second (measured per block: bench/block_cost.py); the two input
+                     norms every block has are inside the fitted efficiencies
     optimizer ...... AdamW over the rank's parameter shard: on the GPU it is bandwidth-bound and
                      small; on the host (optimizer or FSDP CPU offload) ``cpu_adam`` parameters a
                      second, plus the gradients' and parameters' trips over the host link
@@ -81,6 +85,10 @@ class Rates:
     # ``all_to_all`` (measured).
     gpus_per_node: int = 8
     inter_node: float = 50 * GB
+    # Peri-LN's and QK-norm's extra norms, forward + backward, elements of their inputs a second:
+    # 6.5 ms per Llama-3.2-1B block at 65,536 tokens for 6,656 elements per token (bench/block_cost.py,
+    # docs/performance.md 2026-12-01, third session); the kernels reach ~1/5 of HBM bandwidth
+    norm: float = 67e9
     # fitted to MEASURED (see the module docstring): the share of each kernel rate a step reaches
     matmul_efficiency: float = 0.70
     # by head_dim: the kernels' rates above were measured at 128; at 64 they reach less of them
@@ -190,6 +198,12 @@ def step_time(cfg, dims, pol, host_bytes: float, params_per_rank: float, act_byt
     if pol.tiled_loss:
         rec += 2 * T * head / mm_rate
     terms["recomputation"] = rec
+    # ---- the stability options' extra norms (forward of every block, backward of the graph ones) --
+    kvh = max(1, m.n_kv_heads // t)
+    norm_elems = (2 * m.dim / t if m.norm_placement == "peri" else 0) + \
+        ((m.n_heads / t + kvh) * m.head_dim if m.qk_norm else 0)
+    if norm_elems:
+        terms["stability norms"] = T * norm_elems * (nb["forward"] + nb["graph"]) / 2 / rates.norm
     # ---- Ulysses all-to-all --------------------------------------------------------------------
     if s > 1:
         a = act_bytes
@@ -311,5 +325,12 @@ MEASURED = (
              fitted=False),
     Measured("llama3.2-1b", 262144, 1, {"recompute": "selective", **_TL}, 52.53, "looped vs plain 2026-12-01",
              overrides=("model.n_layers=20",), fitted=False),
+    # 2026-12-01, third session, one H200: the stability options (mean of 10 steps) and LT2
+    Measured("llama3.2-1b", 65536, 1, {**_TL}, 3.448, "stability options re-measured", fitted=False),
+    Measured("llama3.2-1b", 65536, 1, {**_TL}, 3.623, "stability options re-measured",
+             overrides=("model.norm_placement=peri", "model.qk_norm=true", "optim.z_loss=1e-4"), fitted=False),
+    Measured("looped-lt2-1b", 262144, 1, {"recompute": "selective", **_TL}, 25.83, "LT2 at 1M", fitted=False),
+    Measured("looped-lt2-1b", 1048576, 1, {"recompute": "selective", "offload_fraction": 0.55, "tiled_mlp": 1, **_TL},
+             347.3, "LT2 at 1M", fitted=False),
 )
 MAX_ERROR = 0.15  # the largest relative error the suite accepts (the fit reached 9.2%: docs/performance.md)

@@ -116,6 +116,40 @@ def test_formula_matches_what_autograd_saves_for_one_block_fp32():
     assert abs(measured - predicted) / predicted < 0.05, (measured, predicted)
 
 
+def test_formula_counts_what_peri_ln_and_qk_norm_add_to_a_blocks_saved_tensors():
+    """Peri-LN's output norms keep their inputs and QK-norm's per-head norms keep q and k before
+    rotary: the planner counts them (measured on an H200 as +0.83 GiB per 1B block at 64K)."""
+    from longtrain.memory.planner import stability_saved_terms
+
+    cfg = cfg_for("schedule.dtype=fp32", "model.attn_backend=sdpa", "model.norm_placement=peri", "model.qk_norm=true")
+    m = cfg.model
+    torch.manual_seed(0)
+    model = build_model(m)
+    block = model.layers["0"]
+    B, S = 1, 128
+    x = torch.randn(B, S, m.dim, requires_grad=True)
+    cos, sin = model.rotary(torch.arange(S)[None])
+    storages = {}
+
+    def pack(t):
+        weight = isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter)
+        if not weight and t.numel() % S == 0:
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, cos, sin)
+    measured = (sum(storages.values()) - 2 * cos.untyped_storage().nbytes()) / (B * S)
+    # the CPU's decomposed RMSNorm also keeps each norm's normalised x: four over d, and q and k
+    qd, kvd = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+    cpu_extra = 4 * 4 * m.dim + 4 * (qd + kvd)
+    predicted = layer_activation_bytes(m, Layout(), 4, "none") + cpu_extra
+    assert abs(measured - predicted) / predicted < 0.05, (measured, predicted)
+    options = sum(stability_saved_terms(m, Layout(), 4).values())
+    assert options > 0.1 * predicted and abs(measured - (predicted - options)) / predicted > 0.1
+
+
 def test_formula_matches_what_autograd_saves_under_bf16_autocast_with_fp32_params():
     """One GPU with ``parallel.param_dtype=fp32`` (no FSDP): fp32 parameters under bf16 autocast make the residual stream fp32, and
     each linear saves its own bf16 cast of the norm output (3 for wq/wk/wv, 2 for w1/w3)."""
