@@ -256,7 +256,7 @@ class CheckpointConfig:
     # while the next forward/backward runs; the next optimizer step waits for it)
     staging: Literal["blocking", "background"] = "blocking"
     save_final: bool = True
-    init_from_hf: str = ""  # local Hugging Face Llama directory (config.json + safetensors); used when not resuming
+    init_from_hf: str = ""  # local HF Llama/Qwen3/Gemma 2/3 directory (config.json + safetensors); used when not resuming
     on_save_error: Literal["continue", "stop"] = "continue"
     max_rollbacks: int = 3  # optim.on_nonfinite=rollback: reloads of one checkpoint before giving up
 

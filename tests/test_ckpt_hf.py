@@ -267,15 +267,3 @@ def test_qk_norm_llama_is_qwen3_import_and_export_give_identical_logits(tmp_path
     # a run without qk_norm cannot start from a Qwen3 checkpoint
     with pytest.raises(HFError, match="model.qk_norm=False but .* has True"):
         resolve_hf_config(load_config(None, [o for o in over if o != "model.qk_norm=true"]))
-
-
-def test_peri_ln_export_is_refused_with_one_line(tmp_path, capsys):
-    from longtrain.cli import main
-
-    cfg = load_config(None, QWEN3[:-1] + ["model.norm_placement=peri", f"checkpoint.dir={tmp_path / 'ckpt'}"])
-    model = build_model(cfg.model)
-    Checkpointer(cfg, ParallelDims.from_config(cfg, 1), tmp_path, model=model).save(sync=True)
-    assert main(["ckpt", "export-hf", str(tmp_path / "ckpt"), str(tmp_path / "out")]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "model.norm_placement='peri' has no exact Hugging Face equivalent" in err[0], err
-    assert not (tmp_path / "out").exists()

@@ -1,13 +1,13 @@
 """``longtrain ckpt``: list, inspect, consolidate and convert checkpoints without a process group.
 
 Owns: the argparse wiring only; the work is in ``longtrain.trainer.checkpoint_format`` (the
-on-disk format, read without a process group) and ``longtrain.trainer.hf`` (Hugging Face Llama
-conversion).
+on-disk format, read without a process group) and ``longtrain.trainer.hf`` (Hugging Face
+conversion: Llama, Qwen3, Gemma 2 and Gemma 3).
 
     longtrain ckpt list DIR                      committed checkpoints, their step, size, layout
     longtrain ckpt inspect PATH [--json]         tensors (name, shape, dtype, bytes), totals, layout
     longtrain ckpt consolidate PATH OUT.pt       one torch.save file (everything, unsharded)
-    longtrain ckpt export-hf PATH OUTDIR         HF Llama safetensors + config.json
+    longtrain ckpt export-hf PATH OUTDIR         HF safetensors + config.json (Llama/Qwen3/Gemma 2/3)
     longtrain ckpt hf-config HFDIR               the longtrain model section for an HF directory
 """
 
@@ -104,7 +104,8 @@ def _consolidate(ns) -> int:
 
 def _export_hf(ns) -> int:
     out = export_hf(ns.path, ns.outdir, dtype=ns.dtype)
-    print(f"wrote Hugging Face Llama checkpoint to {out} (config.json + safetensors, {ns.dtype})")
+    arch = read_hf_config(out)["architectures"][0]
+    print(f"wrote Hugging Face {arch} checkpoint to {out} (config.json + safetensors, {ns.dtype})")
     return 0
 
 
@@ -112,7 +113,7 @@ def _hf_config(ns) -> int:
     m = hf_model_config(read_hf_config(ns.hfdir), where=f"{ns.hfdir}/config.json")
     d = dataclasses.asdict(m)
     keep = ("arch", "vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_dim", "n_layers", "norm_eps", "rope_theta",
-            "rope_scaling", "tie_embeddings")
+            "rope_scaling", "tie_embeddings", "norm_placement", "qk_norm")
     print(yaml.safe_dump({"model": {k: d[k] for k in keep}}, sort_keys=False), end="")
     print(f"# use with: checkpoint.init_from_hf={ns.hfdir}")
     return 0
@@ -143,12 +144,13 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("out", metavar="OUT.pt")
     p.set_defaults(func=_guard(_consolidate))
-    p = sub.add_parser("export-hf", help="Hugging Face Llama directory (safetensors + config.json)")
+    p = sub.add_parser("export-hf", help="Hugging Face directory (safetensors + config.json): Llama, Qwen3, "
+                                         "Gemma 2 or Gemma 3")
     p.add_argument("path")
     p.add_argument("outdir")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=_guard(_export_hf))
-    p = sub.add_parser("hf-config", help="print the longtrain model config of a Hugging Face Llama directory")
+    p = sub.add_parser("hf-config", help="print the longtrain model config of a Hugging Face directory")
     p.add_argument("hfdir")
     p.set_defaults(func=_guard(_hf_config))
     return ck

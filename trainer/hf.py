@@ -1,16 +1,37 @@
-"""Hugging Face Llama import and export: config.json <-> ``ModelConfig``, safetensors <-> weights.
+"""Hugging Face import and export: config.json <-> ``ModelConfig``, safetensors <-> weights.
 
-A Llama with ``model.qk_norm`` (an RMSNorm per head on q and k, before rotary) is exactly
-transformers' ``Qwen3ForCausalLM`` (its ``q_norm`` / ``k_norm``), so it exports to and imports from
-Qwen3. Peri-LN (``model.norm_placement=peri``) has no exact equivalent there (Gemma 2's sandwich
-norms come with a (1 + w) RMSNorm, GELU and scaled embeddings), so its export is refused.
+Which transformers class a longtrain Llama is, exactly (logits equal up to float rounding):
+
+==========================  =================  ===============================================
+``model.norm_placement``    ``model.qk_norm``  transformers class
+==========================  =================  ===============================================
+pre                         false              ``LlamaForCausalLM``
+pre                         true               ``Qwen3ForCausalLM`` (its ``q_norm`` / ``k_norm``)
+peri                        false              ``Gemma2ForCausalLM``
+peri                        true               ``Gemma3ForCausalLM`` (text-only ``gemma3_text``)
+==========================  =================  ===============================================
+
+Peri-LN is Gemma 2's sandwich block (``input_layernorm`` -> attention -> ``post_attention_layernorm``
+-> add; ``pre_feedforward_layernorm`` -> MLP -> ``post_feedforward_layernorm`` -> add); Gemma 3 adds
+per-head q/k norms before rotary, as our QK-norm does. What Gemma does differently is compensated in
+the weights (``gemma_weights_from_ours`` / ``ours_from_gemma_weights``): its RMSNorms multiply by
+``1 + w`` (we export ``w - 1``); it multiplies the embedding by ``s = sqrt(hidden_size)``, rounded to
+the weights' dtype as transformers rounds it (we export ``E / s``, and when the embedding is tied to
+the head, the head would see ``E / s`` too, so the final norm's weight is multiplied by ``s``). The
+config removes the rest: ``hidden_activation="silu"`` (Gemma's MLP is ``down(act(gate) * up)``, our
+SwiGLU), no attention or final logit softcapping, ``query_pre_attn_scalar = head_dim`` (the usual
+``1/sqrt(head_dim)``), ``full_attention`` in every layer (no sliding window). Importing reverses the
+transform, and refuses a Gemma config that no longtrain Llama computes (GELU, softcapping, sliding
+layers, bidirectional attention, another attention scale) naming the field and its value.
+
 A σReparam Llama (``model.sigma_reparam``) exports as a plain one: each block linear's
 ``gamma / sigma(W) * W`` (sigma from the saved u, v, as evaluation computes it) is folded into the
-exported weight (``models.sigma_reparam.fold_state_dict``); it cannot be imported back as
-σReparam (a plain checkpoint has no gamma, u, v: ``config.validate`` refuses the combination).
+exported weight (``models.sigma_reparam.fold_state_dict``), whatever its norm placement; it cannot be
+imported back as σReparam (a plain checkpoint has no gamma, u, v: ``config.validate`` refuses the
+combination). Looped models have no transformers class and are refused.
 
-Owns: the name map between our Llama and transformers' ``LlamaForCausalLM``, translating HF's
-``rope_parameters`` / ``rope_scaling`` (default, linear, dynamic, yarn, llama3) to
+Owns: the name maps between our Llama and those four classes, translating HF's ``rope_parameters``
+/ ``rope_scaling`` (default, linear, dynamic, yarn, llama3; Gemma 3's per layer type) to
 ``ModelConfig.rope_scaling`` and back, ``resolve_hf_config`` (the run's model config checked
 against an HF directory before the model is built), ``load_hf_weights`` (a possibly sharded or
 pipeline-split model initialised from local safetensors) and ``export_hf`` (a DCP checkpoint to an HF
@@ -40,40 +61,103 @@ from longtrain.trainer.checkpoint_format import load_full_model_state, read_conf
 
 _GLOBAL = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "head.norm.weight",
            "lm_head.weight": "head.output.weight"}
-_LAYER = {"self_attn.q_proj.weight": "attention.wq.weight", "self_attn.k_proj.weight": "attention.wk.weight",
-          "self_attn.v_proj.weight": "attention.wv.weight", "self_attn.o_proj.weight": "attention.wo.weight",
-          "mlp.gate_proj.weight": "feed_forward.w1.weight", "mlp.up_proj.weight": "feed_forward.w3.weight",
-          "mlp.down_proj.weight": "feed_forward.w2.weight", "input_layernorm.weight": "attention_norm.weight",
-          "post_attention_layernorm.weight": "ffn_norm.weight",
-          "self_attn.q_norm.weight": "attention.q_norm.weight", "self_attn.k_norm.weight": "attention.k_norm.weight"}
-_LAYER_INV = {v: k for k, v in _LAYER.items()}
+_PROJ = {"self_attn.q_proj.weight": "attention.wq.weight", "self_attn.k_proj.weight": "attention.wk.weight",
+         "self_attn.v_proj.weight": "attention.wv.weight", "self_attn.o_proj.weight": "attention.wo.weight",
+         "mlp.gate_proj.weight": "feed_forward.w1.weight", "mlp.up_proj.weight": "feed_forward.w3.weight",
+         "mlp.down_proj.weight": "feed_forward.w2.weight",
+         "self_attn.q_norm.weight": "attention.q_norm.weight", "self_attn.k_norm.weight": "attention.k_norm.weight"}
+# Llama / Qwen3: two norms per block; their "post_attention_layernorm" is the MLP's input norm
+_LAYER_PRE = {**_PROJ, "input_layernorm.weight": "attention_norm.weight",
+              "post_attention_layernorm.weight": "ffn_norm.weight"}
+# Gemma 2 / 3 (Peri-LN): four; "post_attention_layernorm" normalises the attention's output
+_LAYER_PERI = {**_PROJ, "input_layernorm.weight": "attention_norm.weight",
+               "post_attention_layernorm.weight": "attention_out_norm.weight",
+               "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+               "post_feedforward_layernorm.weight": "ffn_out_norm.weight"}
+_LAYER = {False: _LAYER_PRE, True: _LAYER_PERI}
+_LAYER_INV = {peri: {v: k for k, v in m.items()} for peri, m in _LAYER.items()}
 _GLOBAL_INV = {v: k for k, v in _GLOBAL.items()}
 # HF's rotary buffer (older transformers saved it); never a weight
 _IGNORED_HF = ("rotary_emb.inv_freq",)
+# transformers' class per (norm_placement, qk_norm): (architecture, model_type)
+_HF_CLASS = {("pre", False): ("LlamaForCausalLM", "llama"), ("pre", True): ("Qwen3ForCausalLM", "qwen3"),
+             ("peri", False): ("Gemma2ForCausalLM", "gemma2"), ("peri", True): ("Gemma3ForCausalLM", "gemma3_text")}
+# an HF model_type or architecture -> (norm_placement, qk_norm)
+_FAMILY = {name: key for key, cls in _HF_CLASS.items() for name in cls}
 
 
 class HFError(ConfigError):
     """An HF directory that cannot be used; the message names the file, the key and the fix."""
 
 
-def hf_to_ours(name: str) -> str | None:
+def hf_class(m: ModelConfig) -> str:
+    """The transformers class a longtrain Llama exports to (the module docstring's table)."""
+    return _HF_CLASS[(m.norm_placement, m.qk_norm)][0]
+
+
+def hf_to_ours(name: str, peri: bool = False) -> str | None:
+    """Our parameter name for an HF tensor name (``peri``: Gemma's four norms per block)."""
     if name in _GLOBAL:
         return _GLOBAL[name]
     if name.startswith("model.layers."):
         i, rest = name[len("model.layers."):].split(".", 1)
-        if rest in _LAYER:
-            return f"layers.{i}.{_LAYER[rest]}"
+        if rest in _LAYER[peri]:
+            return f"layers.{i}.{_LAYER[peri][rest]}"
     return None
 
 
-def ours_to_hf(name: str) -> str | None:
+def ours_to_hf(name: str, peri: bool = False) -> str | None:
     if name in _GLOBAL_INV:
         return _GLOBAL_INV[name]
     if name.startswith("layers."):
         i, rest = name[len("layers."):].split(".", 1)
-        if rest in _LAYER_INV:
-            return f"model.layers.{i}.{_LAYER_INV[rest]}"
+        if rest in _LAYER_INV[peri]:
+            return f"model.layers.{i}.{_LAYER_INV[peri][rest]}"
     return None
+
+
+def gemma_embed_scale(dim: int, dtype: torch.dtype) -> float:
+    """Gemma's embedding multiplier as transformers applies it: ``sqrt(hidden_size)`` in a float32
+    buffer cast to the weights' dtype (55.4256 becomes 55.5 in bfloat16)."""
+    return float(torch.tensor(dim ** 0.5, dtype=torch.float32).to(dtype))
+
+
+def gemma_weights_from_ours(state: dict[str, torch.Tensor], m: ModelConfig,
+                            dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Our Peri-LN weights (our names) as Gemma computes with them, in float32: every RMSNorm
+    weight ``w - 1`` (Gemma multiplies by ``1 + w``), the embedding ``E / s``, and with tied
+    embeddings the final norm ``g * s - 1`` (the head then sees ``E / s``); ``s`` is the embedding
+    scale of ``dtype``, the dtype the export is written (and run) in."""
+    s = gemma_embed_scale(m.dim, dtype)
+    out = {}
+    for k, t in state.items():
+        t = t.float()
+        if k == "tok_embeddings.weight":
+            t = t / s
+        elif k == "head.norm.weight" and m.tie_embeddings:
+            t = t * s - 1.0
+        elif k.endswith("norm.weight"):  # w - 1 is exact in float32 for w in [0.5, 2] (Sterbenz)
+            t = t - 1.0
+        out[k] = t
+    return out
+
+
+def ours_from_gemma_weights(state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of ``gemma_weights_from_ours`` on Gemma tensors under our names, in float32;
+    ``s`` is the embedding scale of the stored embedding's dtype, the one transformers runs it with."""
+    emb = state.get("tok_embeddings.weight")
+    s = gemma_embed_scale(m.dim, emb.dtype if emb is not None else torch.float32)
+    out = {}
+    for k, t in state.items():
+        t = t.float()
+        if k == "tok_embeddings.weight":
+            t = t * s
+        elif k == "head.norm.weight" and m.tie_embeddings:
+            t = (1.0 + t) / s
+        elif k.endswith("norm.weight"):
+            t = 1.0 + t
+        out[k] = t
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,15 +217,75 @@ def _rope_from_hf(hf: dict, where: str) -> tuple[float, RopeScalingConfig]:
                   f"yarn and llama3.")
 
 
+# transformers' Gemma2Config / Gemma3TextConfig defaults, for the keys a config.json leaves out
+_GEMMA_DEFAULTS = {
+    "gemma2": {"hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": 30.0,
+               "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 256, "head_dim": 256,
+               "sliding_window": 4096, "tie_word_embeddings": True, "rope_theta": 10000.0},
+    "gemma3_text": {"hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": None,
+                    "attn_logit_softcapping": None, "query_pre_attn_scalar": 256, "head_dim": 256,
+                    "sliding_window": 4096, "tie_word_embeddings": True, "rope_theta": 1_000_000.0},
+}
+
+
+def _gemma_layer_types(hf: dict, mt: str) -> list[str]:
+    """``layer_types``, or the pattern transformers derives without it (Gemma 2 alternates sliding
+    and full attention; Gemma 3 makes every ``sliding_window_pattern``-th layer full)."""
+    if hf.get("layer_types"):
+        return list(hf["layer_types"])
+    every = 2 if mt == "gemma2" else int(hf.get("sliding_window_pattern", 6))
+    return ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(int(hf["num_hidden_layers"]))]
+
+
+def _gemma_config(hf: dict, mt: str, where: str) -> dict:
+    """``hf`` with Gemma's defaults filled in and Gemma 3's full-attention rotary settings brought
+    to the top level; refuses (one line, the first field) what a longtrain Peri-LN Llama cannot compute."""
+    g = {**_GEMMA_DEFAULTS[mt], **hf}
+    why = "longtrain's Peri-LN Llama is Gemma with "
+    for key in ("hidden_activation", "hidden_act"):  # 5.x reads hidden_activation; older versions hidden_act
+        if key in g and g[key] != "silu":
+            raise HFError(f"{where}: {key}={g[key]!r} is not supported; {why}SwiGLU ({key}='silu') only.")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if g[key] is not None:
+            raise HFError(f"{where}: {key}={g[key]!r} is not supported; {why}no logit softcapping ({key}=null) only.")
+    if g.get("use_bidirectional_attention"):
+        raise HFError(f"{where}: use_bidirectional_attention={g['use_bidirectional_attention']!r} is not supported; "
+                      f"longtrain's models are causal.")
+    layer_types = _gemma_layer_types(g, mt)
+    sliding = [i for i, t in enumerate(layer_types) if t != "full_attention"]
+    if sliding:
+        given = "layer_types" if hf.get("layer_types") else "layer_types (absent, so transformers' default)"
+        raise HFError(f"{where}: {given} has {layer_types[sliding[0]]!r} at layers {sliding[:8]}"
+                      f"{' ...' if len(sliding) > 8 else ''} (sliding_window={g['sliding_window']}); longtrain "
+                      f"attends over the whole causal context, so only full_attention in every layer imports.")
+    head_dim = int(g["head_dim"])
+    if float(g["query_pre_attn_scalar"]) != head_dim:
+        raise HFError(f"{where}: query_pre_attn_scalar={g['query_pre_attn_scalar']} differs from head_dim={head_dim}; "
+                      f"longtrain scales attention logits by 1/sqrt(head_dim).")
+    if mt == "gemma3_text":  # rotary per layer type: every layer is full attention, so its settings hold
+        params = g.get("rope_parameters") or {}
+        full = params.get("full_attention", params if "rope_type" in params else None)
+        g["rope_parameters"] = dict(full or {}, rope_theta=(full or {}).get("rope_theta", g["rope_theta"]))
+    return g
+
+
 def hf_model_config(hf: dict, base: ModelConfig | None = None, where: str = "config.json") -> ModelConfig:
-    """The longtrain ``ModelConfig`` for an HF Llama ``config.json`` (other fields from ``base``)."""
+    """The longtrain ``ModelConfig`` for an HF ``config.json`` of a Llama, Qwen3, Gemma 2 or text-only
+    Gemma 3 (other fields from ``base``); a config no longtrain Llama computes exactly is refused."""
     mt = hf.get("model_type")
     archs = hf.get("architectures") or []
-    qwen3 = mt == "qwen3" or "Qwen3ForCausalLM" in archs
-    if mt != "llama" and "LlamaForCausalLM" not in archs and not qwen3:
-        raise HFError(f"{where}: model_type={mt!r} (architectures {archs}) is not a Llama model; only Llama "
-                      f"(LlamaForCausalLM) and Qwen3 (Qwen3ForCausalLM) checkpoints can be imported.")
-    if qwen3 and hf.get("use_sliding_window"):
+    family = _FAMILY.get(mt) or next((_FAMILY[a] for a in archs if a in _FAMILY), None)
+    if mt == "gemma3":
+        raise HFError(f"{where}: model_type='gemma3' is the multimodal Gemma 3; only its text-only form "
+                      f"(model_type='gemma3_text', Gemma3ForCausalLM) can be imported.")
+    if family is None:
+        raise HFError(f"{where}: model_type={mt!r} (architectures {archs}) has no longtrain equivalent; Llama "
+                      f"(LlamaForCausalLM), Qwen3 (Qwen3ForCausalLM), Gemma 2 (Gemma2ForCausalLM) and text-only "
+                      f"Gemma 3 (Gemma3ForCausalLM) checkpoints can be imported.")
+    placement, qk_norm = family
+    if placement == "peri":
+        hf = _gemma_config(hf, _HF_CLASS[family][1], where)
+    if hf.get("use_sliding_window"):
         raise HFError(f"{where}: use_sliding_window=true is not supported (longtrain attends over the whole "
                       f"causal context); only full-attention Qwen3 models can be imported.")
     for key, ok in (("attention_bias", False), ("mlp_bias", False)):
@@ -161,8 +305,8 @@ def hf_model_config(hf: dict, base: ModelConfig | None = None, where: str = "con
         base, arch="llama", vocab_size=int(hf["vocab_size"]), dim=dim, n_heads=n_heads,
         n_kv_heads=int(hf.get("num_key_value_heads") or n_heads), ffn_dim=int(hf["intermediate_size"]),
         n_layers=int(hf["num_hidden_layers"]), norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta,
-        rope_scaling=scaling, tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qk_norm=qwen3,
-        norm_placement="pre")
+        rope_scaling=scaling, tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qk_norm=qk_norm,
+        norm_placement=placement)
 
 
 # the fields an HF checkpoint fixes: the run's config must agree on them
@@ -209,13 +353,10 @@ def _no_hf_equivalent(m: ModelConfig) -> str:
 
 
 def model_config_to_hf(m: ModelConfig, torch_dtype: str = "float32") -> dict:
-    """An HF ``LlamaConfig`` (``Qwen3Config`` with ``model.qk_norm``) dict for a longtrain Llama config."""
+    """The HF config dict of ``hf_class(m)`` (Llama, Qwen3, Gemma 2 or Gemma 3) for a longtrain Llama."""
     if m.arch != "llama":
         raise HFError(f"model.arch={m.arch!r}{_no_hf_equivalent(m)}: only Llama models can be exported to Hugging "
                       f"Face format.")
-    if m.norm_placement != "pre":
-        raise HFError(f"model.norm_placement={m.norm_placement!r} has no exact Hugging Face equivalent (Gemma 2's "
-                      f"sandwich norms differ in RMSNorm, activation and embedding scale); only pre-norm models export.")
     rope: dict = {"rope_type": "default", "rope_theta": m.rope_theta}
     s = m.rope_scaling
     max_pos = m.max_seq_len
@@ -233,8 +374,9 @@ def model_config_to_hf(m: ModelConfig, torch_dtype: str = "float32") -> dict:
         max_pos = int(s.original_max_position * s.factor)  # HF checks factor against this ratio
         if s.attention_factor is not None:
             rope["attention_factor"] = s.attention_factor
+    arch, model_type = _HF_CLASS[(m.norm_placement, m.qk_norm)]
     out = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": m.vocab_size,
+        "architectures": [arch], "model_type": model_type, "vocab_size": m.vocab_size,
         "hidden_size": m.dim, "intermediate_size": m.ffn_dim, "num_hidden_layers": m.n_layers,
         "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_dim,
         "hidden_act": "silu", "max_position_embeddings": max_pos, "rms_norm_eps": m.norm_eps,
@@ -242,12 +384,25 @@ def model_config_to_hf(m: ModelConfig, torch_dtype: str = "float32") -> dict:
         "rope_theta": m.rope_theta, "rope_parameters": rope, "torch_dtype": torch_dtype, "dtype": torch_dtype,
         "initializer_range": m.init_std, "use_cache": True,
     }
-    if m.qk_norm:  # Qwen3's attention: q_norm / k_norm per head before rotary; full attention everywhere
-        out.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", use_sliding_window=False,
-                   sliding_window=None, max_window_layers=m.n_layers,
-                   layer_types=["full_attention"] * m.n_layers)
     if s.type != "none":
         out["rope_scaling"] = dict(rope)  # older transformers read this (and rope_theta)
+    if model_type != "llama":  # full attention in every layer: no sliding window
+        out.update(sliding_window=None, layer_types=["full_attention"] * m.n_layers)
+    if model_type == "qwen3":  # q_norm / k_norm per head before rotary
+        out.update(use_sliding_window=False, max_window_layers=m.n_layers)
+    if m.norm_placement == "peri":
+        # Gemma: SwiGLU, attention scaled by 1/sqrt(head_dim), no softcapping, causal, no padding row
+        # (the (1 + w) norms and the embedding scale are compensated in the weights)
+        del out["mlp_bias"]
+        out.update(hidden_activation="silu", query_pre_attn_scalar=m.head_dim, attn_logit_softcapping=None,
+                   final_logit_softcapping=None, use_bidirectional_attention=False, pad_token_id=None,
+                   # Gemma's forward builds a sliding-window mask whatever layer_types say (and fails
+                   # on None); no layer uses it
+                   sliding_window=max_pos)
+    if model_type == "gemma3_text":  # rotary per layer type (only full_attention is used)
+        out.update(rope_parameters={"full_attention": rope,
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": m.rope_theta}},
+                   rope_local_base_freq=m.rope_theta)
     return out
 
 
@@ -273,22 +428,26 @@ def _safetensors_files(d: Path) -> list[Path]:
 
 
 def read_hf_state_dict(hf_dir: str | os.PathLike, m: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF safetensors renamed to our parameter names (full tensors, on CPU)."""
+    """HF safetensors renamed to our parameter names (full tensors, on CPU); a Gemma's weights
+    (``model.norm_placement=peri``) turned back into ours (``ours_from_gemma_weights``)."""
     from safetensors.torch import load_file  # optional (longtrain[hf]): only HF import/export needs it
 
     d = Path(hf_dir)
+    peri = m.norm_placement == "peri"
     out, unknown = {}, []
     for f in _safetensors_files(d):
         for name, t in load_file(str(f)).items():
-            ours = hf_to_ours(name)
+            ours = hf_to_ours(name, peri)
             if ours is None:
                 if not name.endswith(_IGNORED_HF):
                     unknown.append(name)
                 continue
             out[ours] = t
     if unknown:
-        raise HFError(f"{d}: tensors with no longtrain counterpart: {unknown[:6]}; only plain Llama weights "
-                      f"can be imported.")
+        raise HFError(f"{d}: tensors with no longtrain counterpart: {unknown[:6]}; only the weights of "
+                      f"{hf_class(m)} map onto model.norm_placement={m.norm_placement} model.qk_norm={m.qk_norm}.")
+    if peri:
+        out = ours_from_gemma_weights(out, m)
     if m.tie_embeddings:  # the head is the embedding (a pipeline's last stage holds it without the embedding)
         out.pop("head.output.weight", None)
         if "tok_embeddings.weight" in out:
@@ -327,7 +486,8 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | os.PathLike, m: ModelC
             raise HFError(f"{hf_dir}: the model's {k} ({name}) has no Hugging Face counterpart.")
         t = sd[name]
         if tuple(t.shape) != tuple(v.shape):
-            raise HFError(f"{hf_dir}: {ours_to_hf(name)} has shape {tuple(t.shape)}, the model's {name} needs "
+            hf_name = ours_to_hf(name, m.norm_placement == "peri")
+            raise HFError(f"{hf_dir}: {hf_name} has shape {tuple(t.shape)}, the model's {name} needs "
                           f"{tuple(v.shape)}.")
         local[k] = t.to(v.dtype)
     set_model_state_dict(model, local, options=StateDictOptions(full_state_dict=True))
@@ -335,18 +495,21 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | os.PathLike, m: ModelC
 
 def write_hf(state: dict[str, torch.Tensor], m: ModelConfig, out_dir: str | os.PathLike, dtype: str = "float32",
              max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write our full state dict as an HF Llama directory: config.json + safetensors (+ index)."""
+    """Write our full state dict as an HF directory of ``hf_class(m)``: config.json + safetensors
+    (+ index); a Peri-LN model's weights are first turned into Gemma's (``gemma_weights_from_ours``)."""
     from safetensors.torch import save_file  # optional (longtrain[hf]): only HF import/export needs it
 
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    peri = m.norm_placement == "peri"
+    if peri:
+        state = gemma_weights_from_ours(state, m, tdtype)
     hf_sd = {}
     for k, t in state.items():
-        name = ours_to_hf(k)
+        name = ours_to_hf(k, peri)
         if name is None:
-            raise HFError(f"tensor {k} has no Hugging Face Llama counterpart; only arch=llama with "
-                          f"model.norm_placement=pre exports.")
+            raise HFError(f"tensor {k} has no {hf_class(m)} counterpart; only arch=llama exports.")
         if name == "lm_head.weight" and m.tie_embeddings:
             continue
         hf_sd[name] = t.detach().to(tdtype).contiguous()
@@ -375,7 +538,8 @@ def write_hf(state: dict[str, torch.Tensor], m: ModelConfig, out_dir: str | os.P
 
 
 def export_hf(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32") -> Path:
-    """A longtrain DCP checkpoint (step directory or checkpoint root) to an HF Llama directory."""
+    """A longtrain DCP checkpoint (step directory or checkpoint root) to an HF directory of
+    ``hf_class`` (Llama, Qwen3, Gemma 2 or Gemma 3)."""
     path = resolve_checkpoint_path(ckpt_path)
     cfg = config_from_dict(read_config(path))
     if cfg.model.arch != "llama":
@@ -383,6 +547,6 @@ def export_hf(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: s
                       f"Llama exports to Hugging Face.")
     model_config_to_hf(cfg.model)  # refuses what has no exact equivalent before anything is read
     state = load_full_model_state(path)
-    if cfg.model.sigma_reparam:  # W_hat = gamma / sigma(W) * W into each weight: a plain Llama
+    if cfg.model.sigma_reparam:  # W_hat = gamma / sigma(W) * W into each weight: a plain model
         state = fold_state_dict(state)
     return write_hf(state, dataclasses.replace(cfg.model, sigma_reparam=False), out_dir, dtype)
