@@ -460,9 +460,6 @@ def validate(cfg: Config) -> Config:
     elif m.loop_norm:
         raise ConfigError("model.loop_norm=true normalises a looped core's output; it needs model.arch=looped "
                           "(use model.norm_placement=peri for a Llama).")
-    if m.sigma_reparam and "gdn" in (m.core_attention or []):
-        raise ConfigError("model.sigma_reparam=true is not supported with gated delta rule core layers "
-                          "(model.core_attention holds gdn) yet; set model.sigma_reparam=false for an LT2 core.")
     if m.sigma_reparam and cfg.checkpoint.init_from_hf:
         raise ConfigError("model.sigma_reparam=true with checkpoint.init_from_hf: a Hugging Face checkpoint has no "
                           "gamma, u, v for its linears; train from scratch with sigma_reparam, or set "

@@ -123,7 +123,10 @@ def count_params(m) -> dict:
         (m.dim if m.arch == "looped" and m.loop_norm else 0)
     gdn = core_mixers(m).count("gdn") if m.arch == "looped" else 0
     # norms (no QK-norm: the gated delta rule L2-normalises q and k itself), the decay bias, matmuls
-    gdn_block = (4 if m.norm_placement == "peri" else 2) * m.dim + m.n_heads + gdn_block_matmul_params(m)
+    # and, under σReparam, one gain per reparameterised linear: wq, wk, wv, wg, wo and the MLP's
+    # three (the gates wa, wb stay plain: models.linear_attention.GatedDeltaNet.SIGMA_REPARAM)
+    gdn_block = ((4 if m.norm_placement == "peri" else 2) * m.dim + m.n_heads + gdn_block_matmul_params(m)
+                 + (8 if m.sigma_reparam else 0))
     blocks = (n_blocks - gdn) * block_params(m) + gdn * gdn_block
     # "block": the largest block (what one FSDP unit gathers; the planner's per-block terms)
     return {"embedding": emb, "blocks": blocks, "block": max(block_params(m), gdn_block if gdn else 0),

@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longtrain.config import ConfigError
+from longtrain.models.sigma_reparam import SigmaReparamLinear
 
 GDN_KERNELS = ("auto", "fla", "reference")
 CHUNK = 64  # tokens per chunk, fla's size too (models.costs prices the chunked form with it)
@@ -226,9 +227,25 @@ class GatedDeltaNet(nn.Module):
     head_dim: the output gate) and ``wo`` back to d; the output is RMS-normalised per head (no
     weight: the gate scales it) and gated by silu(wg x). Names match ``Attention`` where the role
     does, so tensor parallel and per-loop LoRA address both alike.
+
+    σReparam (``sigma_reparam``, ``models.sigma_reparam``): the projections ``SIGMA_REPARAM``
+    (wq, wk, wv, wg, wo; the block's MLP is reparameterised by ``Block``) compute with
+    ``gamma / sigma(W) * W``, like an attention layer's q, k, v, o (q and k are L2-normalised in
+    the core, so their gains matter only against a per-loop LoRA delta added to their output; the
+    spectral norms of v, the gate and o bound the size of what the layer writes). ``wa`` and
+    ``wb`` stay plain. σReparam bounds the spectral norm of the products whose growth sharpens
+    attention-like scores without limit; ``wa x`` and ``wb x`` reach the recurrence only through
+    squashing functions -- the decay ``alpha = exp(-softplus(wa x + b))`` in (0, 1] and the write
+    strength ``beta = sigmoid(wb x)`` in (0, 1) -- so however large their spectral norms grow,
+    the state's weights on past tokens stay products of factors in [0, 1] (a large norm saturates a
+    gate, it does not inflate a logit), and there is nothing for the method to bound. Leaving them
+    plain also leaves ``wa``'s bias, which alone sets the decay time constants at initialisation
+    (``reset_decay``), a plain bias next to a plain weight (``SigmaReparamLinear`` has no bias).
     """
 
-    def __init__(self, dim: int, n_heads: int, kernel: str = "auto"):
+    SIGMA_REPARAM = ("wq", "wk", "wv", "wg", "wo")  # the linears σReparam applies to (see above)
+
+    def __init__(self, dim: int, n_heads: int, kernel: str = "auto", sigma_reparam: bool = False):
         super().__init__()
         self.head_dim = dim // n_heads
         inner = n_heads * self.head_dim
@@ -240,6 +257,9 @@ class GatedDeltaNet(nn.Module):
         self.wg = nn.Linear(dim, inner, bias=False)
         self.wo = nn.Linear(inner, dim, bias=False)
         self.core = GatedDeltaCore(kernel)
+        if sigma_reparam:  # same weight parameters, same names and registration order (so same init)
+            for name in self.SIGMA_REPARAM:
+                setattr(self, name, SigmaReparamLinear(getattr(self, name).weight))
 
     @torch.no_grad()
     def reset_decay(self) -> None:

@@ -80,7 +80,7 @@ def core_block(cfg, mixer: str) -> Block:
     """
     block = Block(cfg)
     if mixer == "gdn":
-        block.attention = GatedDeltaNet(cfg.dim, cfg.n_heads, cfg.gdn_kernel)
+        block.attention = GatedDeltaNet(cfg.dim, cfg.n_heads, cfg.gdn_kernel, cfg.sigma_reparam)
     return block
 
 
