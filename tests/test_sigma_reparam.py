@@ -59,6 +59,52 @@ def test_sigma_reparam_matches_single_process(layout):
         assert placements[f"{prefix}layers.0.attention.wq.gamma"].endswith("Replicate(),)"), placements
 
 
+# a gated delta rule core layer (layer 0 of the core; layer 1 is attention), per-loop LoRA on both
+GDN_CORE = LOOPED + SIGMA + ["model.core_attention=[gdn,full]"]
+# float64, first step (loss, every gradient, gamma's included) / the 3 AdamW steps (loss after them,
+# gradient norms) and u, v after them
+GDN_STEP1_RTOL, GDN_AFTER_STEPS_RTOL = 1e-10, 1e-8
+
+
+def test_sigma_reparam_with_a_gdn_core_under_tp_matches_single_process_in_float64():
+    """gdn's wq, wk, wv, wg split by head with their gamma, u, v replicated (``ColumnParallel``),
+    wo row-split, the plain gates wa (weight and bias) and wb split by head; one power iteration
+    per step on the sharded weights, reduced over tp.
+
+    Float64 with AdamW at lr 3e-3, because float32 rounding alone exceeds float32's 2e-5 here:
+    in float32 the first step agrees (loss 2e-7, gradients 9.8e-5 -- a gamma's: one sum over a
+    whole weight, with cancellation), but after 3 steps the loss is 2.3e-3 off, the gradient norms
+    3.4e-2 and u, v 5.4e-2 -- under sp=2 as well (4.5e-3, 6.0e-2, 1.7e-2), where no weight is
+    split at all. In float64 the first step agrees to 5.3e-13 and after 3 steps the loss to 1e-11
+    and u, v to 3e-11 (tp=2; tp=2 x sp=2 on 4 ranks the same, sp=2 4e-14), while ONE process whose
+    weights are perturbed by a relative 1e-15 itself moves by 4.5e-11 (loss) and 1.4e-10 (u, v)
+    after the same steps: rounding, amplified by AdamW's normalised updates (a wrong split or a
+    missing sum is off by the same large amount at either precision). lr 3e-3, not the suite's
+    1e-2: at 1e-2 this model's loss on the first batch rises over the 3 steps with or without
+    σReparam (4.603 -> 4.698 without), so "training lowers the loss" could not be checked.
+    """
+    from test_looped_variants_parallel import compare_in_float64
+
+    results = run_distributed(compare_in_float64, 2, GDN_CORE, {"tp": 2}, False, False, False, 0.05, 3e-3,
+                              init_process_group=False)
+    for rank, r in enumerate(results):
+        msg = f"rank {rank}, {r['describe']}: " + str({k: v for k, v in r.items()
+                                                      if k not in ("placements", "sigma_buffers", "grad_errors")})
+        assert max(r["loss1"], r["grad"]) < GDN_STEP1_RTOL, msg
+        assert max(r["loss_after_3"], r["norm"], r["sigma_buffer_err"]) < GDN_AFTER_STEPS_RTOL, msg
+        assert r["clipped"] and r["losses"][1][-1] < r["losses"][1][0] and r["unwaited"] == 0, msg
+        assert r["sigma_buffers"] == results[0]["sigma_buffers"], f"rank {rank}: u, v differ between ranks"
+    placements = results[0]["placements"]
+    gdn = "core.layers.0.attention."
+    for name in ("wq", "wk", "wv", "wg"):
+        assert placements[gdn + name + ".weight"] == "(Shard(dim=0),)", placements
+        assert placements[gdn + name + ".gamma"] == "(Replicate(),)", placements
+    assert placements[gdn + "wo.weight"] == "(Shard(dim=1),)" and placements[gdn + "wo.gamma"] == "(Replicate(),)"
+    for name in ("wa.weight", "wa.bias", "wb.weight"):  # plain gates, split by head
+        assert placements[gdn + name] == "(Shard(dim=0),)", placements
+    assert not any(k.startswith((gdn + "wa.", gdn + "wb.")) and k.endswith(".gamma") for k in placements)
+
+
 def test_sigma_reparam_on_pipeline_stages_matches_single_process():
     """A looped core on both of two stages (each stage's copy keeps its own u, v, equal because the
     copies are), 1F1B with full recompute: the micro-batches' forwards run before their backwards,
@@ -89,22 +135,53 @@ def _sigma_layers(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, SigmaReparamLinear)}
 
 
-@pytest.mark.parametrize("arch", ["llama", "looped"])
+GDN = ["model.core_attention=[gdn,full]"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "looped", "looped_gdn"])
 def test_initial_function_is_the_plain_models(arch):
-    over = LLAMA if arch == "llama" else LOOPED
+    over = {"llama": LLAMA, "looped": LOOPED, "looped_gdn": LOOPED + GDN}[arch]
     _, plain = _model(over, False)
     cfg, model = _model(over, True)
     layers = _sigma_layers(model)
-    # every block linear (7 per block), nothing outside the blocks (embedding, head, re-injection)
-    n_blocks = len(model.blocks())
-    assert len(layers) == 7 * n_blocks and all(".attention." in n or ".feed_forward." in n for n in layers), layers
-    assert model.param_counts()["total"] == sum(p.numel() for p in model.parameters())
+    # every block linear (7 per attention block; 8 per gdn block: wq, wk, wv, wg, wo and the MLP,
+    # not the gates wa, wb), nothing outside the blocks (embedding, head, re-injection)
+    n_gdn = sum(r.mixer == "gdn" for r in model.blocks())
+    assert n_gdn == (arch == "looped_gdn")
+    assert len(layers) == 7 * len(model.blocks()) + n_gdn, sorted(layers)
+    assert all(".attention." in n or ".feed_forward." in n for n in layers), layers
+    assert not any(n.endswith((".wa", ".wb")) for n in layers), layers
+    counts = model.param_counts()  # models.costs.count_params: the gains counted exactly
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["block"] == max(sum(p.numel() for p in r.module.parameters()) for r in model.blocks())
+    # same parameter names and values as the plain model (gamma, u, v added), so the same init
+    sigma_only = {n for n in model.state_dict() if n.endswith((".gamma", ".u", ".v"))}
+    assert set(model.state_dict()) - sigma_only == set(plain.state_dict())
+    for name, t in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[name], t), name
     x = torch.randint(0, cfg.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(x), plain(x))  # gamma = the init estimate of sigma: a factor of exactly 1
         model.eval()
         plain.eval()
         assert torch.equal(model(x), plain(x))
+
+
+def test_gdn_decay_keeps_its_time_constants_under_sigma_reparam():
+    """``reset_decay``'s documented init: with no input, the state's time constant 1/(1 - alpha)
+    runs log-uniformly from 4 to 1024 tokens across heads -- ``wa`` (weight and bias) stays a
+    plain linear, so σReparam neither rescales its weight nor touches the bias."""
+    import math
+
+    from longtrain.models.sigma_reparam import SigmaReparamLinear
+
+    cfg, model = _model(LOOPED + GDN, True)
+    gdn = model.core.layers["0"].attention
+    assert type(gdn.wa) is torch.nn.Linear and type(gdn.wb) is torch.nn.Linear
+    assert isinstance(gdn.wq, SigmaReparamLinear) and isinstance(gdn.wo, SigmaReparamLinear)
+    alpha = torch.exp(-torch.nn.functional.softplus(gdn.wa(torch.zeros(1, cfg.model.dim)))).flatten()
+    tau = torch.logspace(math.log10(4.0), math.log10(1024.0), cfg.model.n_heads)
+    torch.testing.assert_close(1 / (1 - alpha.detach()), tau, rtol=1e-4, atol=0)
 
 
 def test_sigma_converges_to_the_spectral_norm_once_per_step():
@@ -181,14 +258,11 @@ def test_export_folds_gamma_over_sigma_into_plain_llama_weights(tmp_path):
         torch.testing.assert_close(hf(x).logits, model.eval()(x), atol=1e-5, rtol=0)
 
 
-def test_unsupported_combinations_are_refused_with_one_line():
+def test_init_from_hf_is_refused_with_one_line_and_gdn_cores_are_accepted():
     from longtrain.config import ConfigError, load_config
 
     base = ["data.seq_len=32"] + SIGMA
-    for over, match in ((LOOPED + ["model.core_attention=[full, gdn]"], "model.sigma_reparam=true is not supported "
-                         "with gated delta rule"),
-                        (LLAMA + ["checkpoint.init_from_hf=/nowhere"],
-                         "model.sigma_reparam=true with checkpoint.init_from_hf")):
-        with pytest.raises(ConfigError, match=match) as e:
-            load_config(None, over + base)
-        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="model.sigma_reparam=true with checkpoint.init_from_hf") as e:
+        load_config(None, LLAMA + ["checkpoint.init_from_hf=/nowhere"] + base)
+    assert "\n" not in str(e.value)
+    assert load_config(None, LOOPED + ["model.core_attention=[full, gdn]"] + base).model.sigma_reparam
