@@ -18,7 +18,9 @@ one without σReparam.
 
 Where: the linears inside the transformer blocks (attention q, k, v, o and the MLP; a looped
 model's prelude, core and coda blocks, with per-loop LoRA deltas added to the reparameterised
-output by their hooks). Not the embedding (a lookup: it multiplies nothing, so its spectral norm
+output by their hooks; a gated delta rule core layer's q, k, v, output-gate and output projections,
+not its decay and beta gates, whose outputs are squashed into (0, 1) -- the reasons are in
+``models.linear_attention.GatedDeltaNet``, which swaps its own linears). Not the embedding (a lookup: it multiplies nothing, so its spectral norm
 bounds no product), nor the LM head (outside the blocks whose attention logits the method keeps
 from growing; reparameterised, it could not stay tied to a plain embedding), nor the looped
 ``concat`` re-injection projection (outside the blocks too; it is left as it was).

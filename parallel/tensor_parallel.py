@@ -27,7 +27,10 @@ rank computes the same loss sum; the trainer reduces losses over dp and sp only)
 
 Gated delta rule layers (``BlockRef.mixer == "gdn"``) split like attention, by head: q, k, v, the
 per-head decay and beta projections and the output gate column-parallel, ``wo`` row-parallel; the
-recurrence is per head, so it runs on the local heads untouched.
+recurrence is per head, so it runs on the local heads untouched. Under σReparam its q, k, v, gate
+and output projections keep ``gamma``, ``u``, ``v`` replicated like attention's (``ColumnParallel``
+for every column split, so no one-element gain is cut); the decay and beta gates stay plain
+linears, the decay's bias split by head with its weight.
 
 Looped model: the shared core blocks get the same block plan (they are ordinary ``Block``s called
 R times; ``model.blocks()`` lists them with the others). Its per-loop LoRA (``x A_i^T B_i^T`` added
