@@ -8,7 +8,9 @@ losses, gradients -- gamma's included -- and norms, three AdamW steps; one layou
 LAYOUTS); the singular-vector buffers u, v are compared too: bitwise between ranks, since every rank
 must hold the same estimates without exchanging them, and against one process to absolute 1e-4 (unit
 vectors; a singular vector moves by up to ~1/(sigma_1 - sigma_2) times a weight change, and the
-float32 layouts' u, v differ from one process by ~1e-5 after three steps, measured).
+float32 layouts' u, v differ from one process by ~1e-5 after three steps, measured). A gated delta
+rule core layer (its own choice of reparameterised linears, ``GatedDeltaNet``) is compared under tp
+in float64 with tighter tolerances (``GDN_STEP1_RTOL``, ``GDN_AFTER_STEPS_RTOL``; its test says why).
 """
 
 from __future__ import annotations
