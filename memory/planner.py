@@ -39,7 +39,7 @@ RESERVE_BYTES = 1 * GiB
 
 
 # --------------------------------------------------------------------------------------------
-# Layout and policy
+# Layout
 # --------------------------------------------------------------------------------------------
 
 
@@ -66,7 +66,6 @@ def sizes(dp_replicate: int = 1, dp_shard: int = 1, tp: int = 1, sp: int = 1, pp
     """A mesh-less layout of these sizes, to plan for hardware one does not have at hand."""
     return ParallelDims(dp_replicate=dp_replicate, dp_shard=dp_shard, sp=sp, tp=tp, pp=pp,
                         world_size=dp_replicate * dp_shard * tp * sp * pp)
-
 
 
 # --------------------------------------------------------------------------------------------

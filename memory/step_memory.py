@@ -148,8 +148,9 @@ def policy_of(mem) -> Policy:
                   mem.selective_save)
 
 
-
 def act_bytes(cfg: Config) -> int:
+    """Bytes of an activation element (a): 2 under bf16 autocast, 4 in fp32; ``schedule.dtype=auto``
+    is bf16 where CUDA is available."""
     dt = cfg.schedule.dtype
     if dt == "auto":
         dt = "bf16" if torch.cuda.is_available() else "fp32"
@@ -190,7 +191,6 @@ def residual_bytes(cfg: Config, lay: ParallelDims, a: int) -> int:
     return 4 if a == 4 else weight_bytes(cfg, lay, a)
 
 
-
 # --------------------------------------------------------------------------------------------
 # The terms and the peak
 # --------------------------------------------------------------------------------------------
@@ -215,11 +215,9 @@ class Estimate:
         return int(sum(self.host.values()))
 
 
-
 def fsdp_size(lay: ParallelDims) -> int:
     """Ranks a parameter is sharded over: dp_shard x sp (``parallel.fsdp``)."""
     return lay.dp_shard * lay.sp
-
 
 
 def _blocks_per_rank(m, lay: ParallelDims) -> dict:
