@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from longtrain.config import load_config  # noqa: E402
 from longtrain.memory import apply_activation_memory  # noqa: E402
 from longtrain.memory.optimizer_offload import build_optimizer  # noqa: E402
-from longtrain.memory.planner import (GiB, estimate, sizes, host_rss_bytes, measure_peak,  # noqa: E402
-                                      policy_of, reset_peak, resolve_policy)
+from longtrain.memory.planner import (GiB, host_rss_bytes, measure_peak, reset_peak, resolve_policy,  # noqa: E402
+                                      sizes)
+from longtrain.memory.step_memory import estimate, policy_of  # noqa: E402
 from longtrain.models import build_model  # noqa: E402
 
 BUILTIN = {

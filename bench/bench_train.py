@@ -148,9 +148,10 @@ def load_bench_config(args):
 def planner_estimate(cfg, dims) -> dict:
     """The planner's estimate for ``cfg`` (already resolved) on ``dims``: peak GiB by term, host
     GiB, and the step-time model's seconds by term (``memory.step_time``)."""
-    from longtrain.memory import planner
+    from longtrain.memory.planner import layout_from
+    from longtrain.memory.step_memory import estimate, policy_of
 
-    est = planner.estimate(cfg, planner.layout_from(cfg, dims), planner.policy_of(cfg.memory))
+    est = estimate(cfg, layout_from(cfg, dims), policy_of(cfg.memory))
     return {"available": True, "policy": est.policy.name,
             "peak_gib": est.gpu_total / 2**30, "host_gib": est.host_total / 2**30,
             "gpu_terms_gib": {k: v / 2**30 for k, v in est.gpu.items()},

@@ -15,9 +15,13 @@ Modules, one idea each:
   against.
 - ``cluster``: layouts for N nodes x G GPUs (``longtrain plan --nodes``), each at the planner's
   fastest fitting policy, ranked by tokens per second per GPU.
-- ``planner``: per-rank memory estimates and the choice of the fastest policy that fits,
-  ``resolve_policy`` for ``memory.policy=auto``, ``measure_peak``; ``plan_table`` prints its rows;
-  ``cli`` registers ``longtrain plan``.
+- ``activations``: what one block keeps for backward, per token, by tensor, under each recompute
+  mode.
+- ``step_memory``: a policy (``Policy``) and the per-rank memory of one step under it, term by
+  term at each moment of the step (``estimate``, with ``step_time``'s seconds beside it).
+- ``planner``: the policies weighed and the choice of the fastest that fits, ``resolve_policy``
+  for ``memory.policy=auto``, ``measure_peak``; ``plan_table`` prints its rows; ``cli`` registers
+  ``longtrain plan``.
 
 ``apply_activation_memory(model, cfg)`` is the one entry point ``parallel.parallelize`` calls,
 after tensor parallelism and Ulysses and before compile and FSDP2. It only replaces

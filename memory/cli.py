@@ -1,8 +1,8 @@
 """``longtrain plan CONFIG [section.key=value ...]``: the memory planner's table for a config.
 
 Owns: the ``plan`` subcommand only (``add_cli`` registers it on the main parser's subparsers);
-the estimates live in ``longtrain.memory.planner``, the cluster layouts (``--nodes``) in
-``longtrain.memory.cluster``.
+the choice lives in ``longtrain.memory.planner``, the estimates in ``longtrain.memory.step_memory``,
+the cluster layouts (``--nodes``) in ``longtrain.memory.cluster``.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Owns: ``cluster_layouts`` (the layouts weighed: tensor and sequence parallel inside a node,
 pipeline and data parallel across nodes, every size the mesh accepts for the model),
 ``plan_cluster`` (each layout's planner result) and ``format_cluster`` (what ``longtrain plan
---nodes`` prints). Memory per GPU and the step time come from ``memory.planner`` and
-``memory.step_time`` unchanged -- the step-time model knows the node (``Rates.gpus_per_node``) and
+--nodes`` prints). Memory per GPU and the step time come from ``memory.planner`` (its
+``memory.step_memory`` estimates) and ``memory.step_time`` unchanged -- the step-time model knows the node (``Rates.gpus_per_node``) and
 prices a collective at NVLink speed inside it and at ``Rates.inter_node`` across -- so this module
 only enumerates layouts and ranks them.
 

@@ -4,7 +4,7 @@ the step-time model against every measured step.
 Owns: ``format_plan`` (the table, fastest first, one row per policy family: the fastest offload
 fraction that fits, else the leanest), ``shown_rows`` (which rows), ``time_model_error`` and
 ``format_time_model_error`` (``memory.step_time.MEASURED`` through the planner's own estimate).
-The estimates themselves are ``memory.planner``'s.
+The estimates themselves are ``memory.step_memory``'s, the choice ``memory.planner``'s.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 
 from longtrain.config import Config, load_config
-from longtrain.memory.planner import (GiB, OFFLOAD_STEPS, RESERVE_BYTES, RESERVE_FRACTION, Plan, Policy,
-                                      act_bytes, estimate, fits, layout_from, tiling_sizes, usable)
+from longtrain.memory.planner import (GiB, OFFLOAD_STEPS, RESERVE_BYTES, RESERVE_FRACTION, Plan, fits, layout_from,
+                                      tiling_sizes, usable)
+from longtrain.memory.step_memory import Policy, act_bytes, estimate
 from longtrain.memory.step_time import H200, MEASURED, Rates
 from longtrain.models.costs import count_params
 

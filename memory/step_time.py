@@ -160,7 +160,7 @@ def step_time(cfg, dims, pol, host_bytes: float, params_per_rank: float, act_byt
 
     ``host_bytes``: what the policy offloads per rank (the planner's estimate of the offloaded
     activations), moved once each way; ``params_per_rank``: the rank's parameter shard;
-    ``act_bytes``: bytes of an activation element (the planner's ``act_bytes``).
+    ``act_bytes``: bytes of an activation element (``memory.step_memory.act_bytes``).
     """
     m = cfg.model
     t, s = dims.tp, dims.sp

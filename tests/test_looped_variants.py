@@ -73,7 +73,8 @@ def test_hyper_streams_at_init_compute_the_plain_model_and_costs_count_exactly()
 
 
 def test_gdn_cost_is_linear_in_length_and_the_planner_plans_the_largest_scheduled_count():
-    from longtrain.memory.planner import estimate, layout_from, policy_of
+    from longtrain.memory.planner import layout_from
+    from longtrain.memory.step_memory import estimate, policy_of
     from longtrain.models.costs import flops_per_token
 
     full = load_config("looped-1b").model

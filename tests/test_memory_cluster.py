@@ -13,7 +13,8 @@ import pytest
 
 from longtrain.config import load_config
 from longtrain.memory.cluster import LayoutPlan, cluster_layouts, cluster_rates, plan_cluster
-from longtrain.memory.planner import Policy, estimate, layout_from, plan, sizes
+from longtrain.memory.planner import layout_from, plan, sizes
+from longtrain.memory.step_memory import Policy, estimate
 from longtrain.memory.step_time import H200, group_bandwidth
 
 MIB = 2**20

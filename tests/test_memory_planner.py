@@ -1,4 +1,5 @@
-"""The planner's exact terms, its formulae against what autograd saves, and its choice of policy."""
+"""The planner's exact terms (``memory.step_memory``), its formulae against what autograd saves
+(``memory.activations``), and its choice of policy (``memory.planner``)."""
 
 import dataclasses
 
@@ -7,10 +8,12 @@ import torch
 
 from longtrain.config import ConfigError, load_config
 from longtrain.memory import planner
-from longtrain.memory.planner import (Policy, count_params, estimate, layer_activation_bytes, plan,
-                                      residual_bytes, resolve_policy)
+from longtrain.memory.activations import layer_activation_bytes, stability_saved_terms
+from longtrain.memory.planner import plan, resolve_policy
 from longtrain.memory.planner import sizes as Layout  # a mesh-less ParallelDims of these sizes
+from longtrain.memory.step_memory import Policy, estimate, policy_of, residual_bytes
 from longtrain.models import build_model
+from longtrain.models.costs import count_params
 
 torch.set_num_threads(1)
 
@@ -119,7 +122,6 @@ def test_formula_matches_what_autograd_saves_for_one_block_fp32():
 def test_formula_counts_what_peri_ln_and_qk_norm_add_to_a_blocks_saved_tensors():
     """Peri-LN's output norms keep their inputs and QK-norm's per-head norms keep q and k before
     rotary: the planner counts them (measured on an H200 as +0.83 GiB per 1B block at 64K)."""
-    from longtrain.memory.planner import stability_saved_terms
 
     cfg = cfg_for("schedule.dtype=fp32", "model.attn_backend=sdpa", "model.norm_placement=peri", "model.qk_norm=true")
     m = cfg.model
@@ -296,12 +298,12 @@ def test_longest_seq_len_fits_and_one_unit_more_does_not(capsys):
 def test_per_group_recompute_is_not_modelled_and_says_so():
     cfg = load_config("llama3.2-1b", ["memory.recompute=full", 'memory.recompute_layers=["0-7:selective"]'])
     with pytest.warns(UserWarning, match=r"recompute_layers=\['0-7:selective'\] is not modelled"):
-        pol = planner.policy_of(cfg.memory)
+        pol = policy_of(cfg.memory)
     assert pol.recompute == "full"
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no per-group overrides: no warning
-        planner.policy_of(load_config("llama3.2-1b", ["memory.recompute=full"]).memory)
+        policy_of(load_config("llama3.2-1b", ["memory.recompute=full"]).memory)
 
 
 def test_looped_ladder_tries_every_core_input_saved_before_recompute_loops():

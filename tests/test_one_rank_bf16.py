@@ -37,7 +37,8 @@ def _stream_dtypes(param_dtype: str, *extra: str):
     from torch.distributed.fsdp import FSDPModule
 
     from longtrain.config import load_config
-    from longtrain.memory.planner import layout_from, residual_bytes
+    from longtrain.memory.planner import layout_from
+    from longtrain.memory.step_memory import residual_bytes
     from longtrain.models import build_model
     from longtrain.parallel.mesh import init_distributed
     from longtrain.parallel.parallelize import parallelize
