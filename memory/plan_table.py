@@ -79,7 +79,7 @@ def format_plan(cfg: Config, p: Plan, limit: int = 24) -> str:
         terms = ", ".join(f"{k} {v:.2f}" for k, v in p.chosen.time.terms.items())
         lines.append(f"\nchosen step, by term (s): {terms}; kernel-bound ideal (no recomputation, "
                      f"communication or offload) {p.chosen.time.ideal:.2f} s")
-    lines.append(f"\nmemory terms at the moment of each row's peak (longtrain.memory.planner's docstring); "
+    lines.append(f"\nmemory terms at the moment of each row's peak (longtrain.memory.step_memory's docstring); "
                  f"step s from longtrain.memory.step_time (H200 rates; its error against measured steps: "
                  f"longtrain plan --check-time). Of each policy family the fastest fitting offload fraction "
                  f"(steps of 1/{OFFLOAD_STEPS}) is shown, else the leanest.")
