@@ -35,7 +35,7 @@ running one of its iterations; the tied embedding / head) exists as one copy per
 the schedule, each copy's gradient is replaced by the sum over all copies: summed locally
 (several stages on one rank), then all-reduced over the pp ranks that hold it. Every copy then
 takes the same optimizer step and stays equal. The gradient norm counts one copy only: the
-others are marked ``_pp_replica`` and ``parallel.reduce.grad_norm`` skips them.
+others are marked ``_pp_replica`` and ``parallel.reduce.counted_once`` leaves them out.
 
 What the instability monitors ask (``trainer/stability.py``): ``blocks()``, ``loss_head()`` and
 ``on_loop_output`` answer for this rank's stages as a model answers for itself, with the whole
@@ -331,7 +331,7 @@ def _plan_shared(pm: PipelineModel, model: nn.Module, local_stages: list[int]) -
                     if canonical.get(name) == c and all(p is not q for q in copies):
                         copies.append(p)
                         if s != shared[c][0]:
-                            p._pp_replica = True  # parallel.reduce.grad_norm counts the owner only
+                            p._pp_replica = True  # parallel.reduce.counted_once keeps the owner only
             entries.append((c, copies))
         pm._shared.append((group, entries))
 

@@ -61,14 +61,19 @@ def all_reduce_max(tensor: torch.Tensor, dims: ParallelDims, over=("dp", "sp")) 
     return _all_reduce(tensor, dims, over, dist.ReduceOp.MAX)
 
 
+def counted_once(parameters: Iterable[torch.Tensor]) -> list:
+    """``parameters`` without the copies of a weight several pipeline stages hold (looped core,
+    tied embedding): those other than its first stage's are marked ``_pp_replica`` by
+    ``parallel.pipeline``, so a sum over ranks counts each weight once."""
+    return [p for p in parameters if not getattr(p, "_pp_replica", False)]
+
+
 @torch.no_grad()
 def grad_norm(parameters: Iterable[torch.Tensor], dims: ParallelDims | None = None,
               norm_type: float = 2.0) -> torch.Tensor:
     """The global norm of all gradients, as one plain tensor equal on every rank (``total_norm``
     of the gradients)."""
-    # a weight several pipeline stages hold (looped core, tied embedding) counts once: the copies
-    # other than its first stage's are marked by parallel.pipeline
-    grads = [p.grad for p in parameters if p.grad is not None and not getattr(p, "_pp_replica", False)]
+    grads = [p.grad for p in counted_once(parameters) if p.grad is not None]
     return total_norm(grads, dims, norm_type)
 
 

@@ -52,6 +52,7 @@ from torch.distributed.tensor import DTensor
 from longtrain.memory.recompute import in_backward
 from longtrain.models.attention import CoreAttention
 from longtrain.parallel.pipeline import in_shape_inference
+from longtrain.parallel.reduce import counted_once
 
 ATTENTION_BLOCK_ELEMENTS = 1 << 24  # float32 scores scored at once per block (64 MiB; ~4x that in temporaries)
 
@@ -118,11 +119,6 @@ def _sum_squares(tensors, dims) -> tuple[torch.Tensor, float]:
         total += torch.linalg.vector_norm(x, dtype=torch.float32).double().square() / c
         count += x.numel() / c
     return total, count
-
-
-def _counted(params) -> list:
-    """Parameters counted once: not the other stages' copies of a shared weight."""
-    return [p for p in params if not getattr(p, "_pp_replica", False)]
 
 
 class StabilityMonitor:
@@ -215,10 +211,10 @@ class StabilityMonitor:
             h.remove()
         self.handles = []
         for ref in self.blocks:
-            grads = [p.grad for p in _counted(ref.module.parameters()) if p.grad is not None]
+            grads = [p.grad for p in counted_once(ref.module.parameters()) if p.grad is not None]
             if grads:
                 self._add(f"grad_rms/{ref.name}", *_sum_squares(grads, self.dims))
-        self.params = _counted(self.model.parameters())
+        self.params = counted_once(self.model.parameters())
         self.before = [p.detach().clone() for p in self.params]
 
     def _watch(self):
